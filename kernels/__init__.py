@@ -1,0 +1,1 @@
+"""Triton kernels of megatron-rcm (installed as `rcm_kernels`)."""

@@ -1,0 +1,1 @@
+"""Hugging Face <-> megatron checkpoint key maps and shard handling."""

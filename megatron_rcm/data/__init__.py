@@ -1,0 +1,1 @@
+"""Data: DALI video pipelines, precomputed-latent shards, synthetic data."""

@@ -1,0 +1,1 @@
+"""The Megatron-style rCM training loop."""

@@ -1,0 +1,336 @@
+"""FlashAttention-2 forward with a Jacobian-vector product, in Triton.
+
+For ``o = softmax(scale * q k^T) v`` and tangents ``(tq, tk, tv)`` the kernel returns
+
+* ``o``  — the attention output,
+* ``to`` — its directional derivative,
+* ``lse`` — the row log-sum-exp of ``scale * q k^T`` (natural log, float32),
+* ``mu`` — ``d lse``, the directional derivative of ``lse`` (float32).
+
+Per query row, with ``s = scale q k^T``, ``P = softmax(s)`` and ``dS = scale (tq k^T + q tk^T)``::
+
+    d lse = sum_j P_j dS_j = mu
+    d o   = P tv + (P * dS) v - mu o
+
+Streaming over key/value blocks as FlashAttention-2 does, each program keeps in fp32 the running
+max ``m``, the sum ``l = sum P~``, ``O~ = P~ v``, ``T~ = P~ tv + (P~ * dS) v`` and ``r = rowsum(P~ * dS)``,
+all rescaled by ``exp(m_old - m_new)`` when the max moves. The epilogue divides by ``l``:
+``o = O~ / l``, ``mu = r / l``, ``to = T~ / l - mu o``. ``P~ tv`` and ``(P~ * dS) v`` share one
+accumulator (they are only ever needed as a sum), which keeps two ``BLOCK_M x D`` fp32 tiles in
+registers instead of three.
+
+Cost per tile: ``q k^T``, ``tq k^T``, ``q tk^T``, ``P v``, ``P tv``, ``(P*dS) v`` — six GEMMs, three times the
+forward's FLOPs. With ``tk = tv = 0`` (cross-attention to text, whose keys/values carry no tangent)
+the ``q tk^T`` and ``P tv`` GEMMs are skipped.
+
+``lse`` and ``mu`` let partial results over disjoint key/value blocks be merged exactly (ring context
+parallelism); see ``megatron_rcm.models.attention.merge_attention_partials``.
+
+Sequence lengths are run-time arguments (not compile-time constants), and the block configuration is
+picked by a rule rather than autotuned, so a new shape costs no recompilation and no tuning.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["JVPKernelConfig", "flash_attention_jvp", "default_config"]
+
+@dataclass(frozen=True)
+class JVPKernelConfig:
+    """Launch configuration of the JVP kernel."""
+
+    block_m: int = 128
+    """Query rows per program."""
+
+    block_n: int = 64
+    """Key/value rows per inner-loop step."""
+
+    num_warps: int = 8
+    """Warps per program (8 = two warpgroups on Hopper, 64 query rows each at block_m=128)."""
+
+    num_stages: int = 2
+    """Software-pipelining depth of the key/value loads."""
+
+
+def default_config(head_dim: int, seq_q: int, seq_k: int, batch_heads: int) -> JVPKernelConfig:
+    """The block configuration used when none is given.
+
+    A rule instead of an autotuner: autotuning every (Sq, Sk) pair a DiT meets costs a minute per
+    shape. The defaults were chosen by timing a handful of configurations on an H100 (see
+    benchmarks/RESULTS.md); for problems too small to fill the GPU with 128-row programs, 64-row
+    programs double the parallelism.
+    """
+    block_d = triton.next_power_of_2(head_dim)
+    if block_d <= 64:
+        cfg = JVPKernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    else:
+        cfg = JVPKernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    if block_d > 128:
+        cfg = JVPKernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    if triton.cdiv(seq_q, cfg.block_m) * batch_heads < 132 and cfg.block_m > 64:
+        cfg = JVPKernelConfig(block_m=64, block_n=cfg.block_n, num_warps=4, num_stages=cfg.num_stages)
+    override = os.environ.get("RCM_JVP_KERNEL_CONFIG")
+    if override:  # "block_m,block_n,num_warps,num_stages", for tuning sweeps
+        cfg = JVPKernelConfig(*(int(x) for x in override.split(",")))
+    return cfg
+
+
+@triton.jit
+def _jvp_tile(
+    acc_o, acc_t, m_i, l_i, r_i,
+    q, tq,
+    k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
+    start_n, seq_k,
+    offs_n, mask_d,
+    qk_scale, sm_scale,
+    HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+    MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    # One key/value block of the online softmax with tangents. MASK_N only for the ragged last block,
+    # so that full blocks pay for no masks.
+    if MASK_N:
+        valid_n = (start_n + offs_n) < seq_k
+        kv_mask = valid_n[:, None] & mask_d[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
+    kt = tl.trans(k)
+    s = tl.dot(q, kt)
+    ds = tl.dot(tq, kt)
+    if HAS_TK:
+        if MASK_N:
+            tk = tl.load(tk_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            tk = tl.load(tk_ptrs)
+        else:
+            tk = tl.load(tk_ptrs, mask=mask_d[None, :], other=0.0)
+        ds = tl.dot(q, tl.trans(tk), ds)
+    if MASK_N:
+        s = tl.where(valid_n[None, :], s, float("-inf"))
+
+    # m_i is kept in log2 units of the scaled scores: p = 2^(s * scale * log2e - m).
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # Masked columns have p = 0 and finite ds (their keys were loaded as zeros), so h = 0 there.
+    h = p * (ds * sm_scale)
+    r_i = r_i * alpha + tl.sum(h, 1)
+    acc_o = acc_o * alpha[:, None]
+    acc_t = acc_t * alpha[:, None]
+
+    if MASK_N:
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+    p_lo = p.to(v.dtype)
+    acc_o = tl.dot(p_lo, v, acc_o)
+    acc_t = tl.dot(h.to(v.dtype), v, acc_t)
+    if HAS_TV:
+        if MASK_N:
+            tv = tl.load(tv_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            tv = tl.load(tv_ptrs)
+        else:
+            tv = tl.load(tv_ptrs, mask=mask_d[None, :], other=0.0)
+        acc_t = tl.dot(p_lo, tv, acc_t)
+    return acc_o, acc_t, m_new, l_i, r_i
+
+
+@triton.jit
+def _jvp_fwd_kernel(
+    Q, K, V, TQ, TK, TV,
+    O, TO, LSE, MU,
+    sm_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_tqb, stride_tqh, stride_tqm, stride_tqd,
+    stride_tkb, stride_tkh, stride_tkn, stride_tkd,
+    stride_tvb, stride_tvh, stride_tvn, stride_tvd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_tob, stride_toh, stride_tom, stride_tod,
+    stride_lb, stride_lh, stride_lm,
+    stride_mb, stride_mh, stride_mm,
+    num_heads, seq_q, seq_k,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seq_q
+    mask_d = offs_d < HEAD_DIM
+    q_mask = mask_m[:, None] & mask_d[None, :]
+
+    # 64-bit base offsets per (batch, head); in-tile offsets stay 32-bit.
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    tq_ptrs = (TQ + off_b * stride_tqb + off_h * stride_tqh
+               + offs_m[:, None] * stride_tqm + offs_d[None, :] * stride_tqd)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    tq = tl.load(tq_ptrs, mask=q_mask, other=0.0)
+
+    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    tk_ptrs = (TK + off_b * stride_tkb + off_h * stride_tkh
+               + offs_n[:, None] * stride_tkn + offs_d[None, :] * stride_tkd)
+    tv_ptrs = (TV + off_b * stride_tvb + off_h * stride_tvh
+               + offs_n[:, None] * stride_tvn + offs_d[None, :] * stride_tvd)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    n_full = (seq_k // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc_o, acc_t, m_i, l_i, r_i = _jvp_tile(
+            acc_o, acc_t, m_i, l_i, r_i, q, tq,
+            k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
+            start_n, seq_k, offs_n, mask_d, qk_scale, sm_scale,
+            HAS_TK, HAS_TV, False, EVEN_D,
+        )
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if HAS_TK:
+            tk_ptrs += BLOCK_N * stride_tkn
+        if HAS_TV:
+            tv_ptrs += BLOCK_N * stride_tvn
+    if not EVEN_N:
+        acc_o, acc_t, m_i, l_i, r_i = _jvp_tile(
+            acc_o, acc_t, m_i, l_i, r_i, q, tq,
+            k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
+            n_full, seq_k, offs_n, mask_d, qk_scale, sm_scale,
+            HAS_TK, HAS_TV, True, EVEN_D,
+        )
+
+    inv_l = 1.0 / l_i
+    o = acc_o * inv_l[:, None]
+    mu = r_i * inv_l
+    to = acc_t * inv_l[:, None] - mu[:, None] * o
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    to_ptrs = (TO + off_b * stride_tob + off_h * stride_toh
+               + offs_m[:, None] * stride_tom + offs_d[None, :] * stride_tod)
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(to_ptrs, to.to(TO.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lm, lse, mask=mask_m)
+    tl.store(MU + off_b * stride_mb + off_h * stride_mh + offs_m * stride_mm, mu, mask=mask_m)
+
+
+def _check_pair(name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
+    if x.shape != ref.shape or x.dtype != ref.dtype or x.device != ref.device:
+        raise ValueError(
+            f"{name} must match its primal in shape, dtype and device: "
+            f"{tuple(x.shape)} {x.dtype} {x.device} vs {tuple(ref.shape)} {ref.dtype} {ref.device}"
+        )
+
+
+def flash_attention_jvp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tq: torch.Tensor,
+    tk: torch.Tensor | None = None,
+    tv: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    config: JVPKernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention output and its JVP: ``(o, to, lse, mu)``.
+
+    Args:
+        q, tq: ``[B, H, Sq, D]`` queries and their tangent (any strides).
+        k, tk: ``[B, H, Sk, D]`` keys and their tangent; ``tk=None`` means a zero tangent.
+        v, tv: ``[B, H, Sk, D]`` values and their tangent; ``tv=None`` means a zero tangent.
+        scale: softmax scale, ``1/sqrt(D)`` by default.
+        out: optional preallocated ``(o, to, lse, mu)`` (``[B, H, Sq, D]`` in the input dtype and
+            ``[B, H, Sq]`` float32); written in full.
+        config: block configuration; ``default_config`` otherwise.
+
+    Returns:
+        ``o, to`` in the input dtype, ``lse, mu`` float32 ``[B, H, Sq]``. Not differentiable: meant for
+        the no-grad JVP pass.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"expected [B, H, S, D] tensors, got q of shape {tuple(q.shape)}")
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    if k.shape != (B, H, Sk, D) or v.shape != (B, H, Sk, D):
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"unsupported dtype {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError("q, k and v must share a dtype")
+    if D > 256:
+        raise ValueError(f"head dim {D} > 256 is not supported")
+    if Sk == 0:
+        raise ValueError("empty key sequence")
+    _check_pair("tq", tq, q)
+    if tk is not None:
+        _check_pair("tk", tk, k)
+    if tv is not None:
+        _check_pair("tv", tv, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+
+    if out is None:
+        o = torch.empty((B, H, Sq, D), device=q.device, dtype=q.dtype)
+        to = torch.empty_like(o)
+        lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+        mu = torch.empty_like(lse)
+    else:
+        o, to, lse, mu = out
+        for name, x, shape, dtype in (
+            ("o", o, (B, H, Sq, D), q.dtype), ("to", to, (B, H, Sq, D), q.dtype),
+            ("lse", lse, (B, H, Sq), torch.float32), ("mu", mu, (B, H, Sq), torch.float32),
+        ):
+            if tuple(x.shape) != shape or x.dtype != dtype or x.device != q.device:
+                raise ValueError(f"out {name}: expected {shape} {dtype}, got {tuple(x.shape)} {x.dtype}")
+    if B * H * Sq == 0:
+        return o, to, lse, mu
+
+    cfg = config or default_config(D, Sq, Sk, B * H)
+    has_tk, has_tv = tk is not None, tv is not None
+    # Pointers of absent tangents are never dereferenced (HAS_TK / HAS_TV are compile-time), pass the primal.
+    tk_ = tk if has_tk else k
+    tv_ = tv if has_tv else v
+    grid = (triton.cdiv(Sq, cfg.block_m), B * H)
+    _jvp_fwd_kernel[grid](
+        q, k, v, tq, tk_, tv_,
+        o, to, lse, mu,
+        float(scale),
+        *q.stride(), *k.stride(), *v.stride(),
+        *tq.stride(), *tk_.stride(), *tv_.stride(),
+        *o.stride(), *to.stride(), *lse.stride(), *mu.stride(),
+        H, Sq, Sk,
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_TK=has_tk, HAS_TV=has_tv,
+        EVEN_N=(Sk % cfg.block_n == 0),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, to, lse, mu

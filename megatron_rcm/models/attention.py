@@ -1,0 +1,291 @@
+"""Scaled dot-product attention and its forward-mode derivative (JVP).
+
+All tensors are laid out ``[B, H, S, D]`` with arbitrary strides (the DiT passes permuted views of its
+``[S, B, H, D]`` activations). Four entry points:
+
+* :func:`attention` — plain attention for passes without tangents, on the fastest backend available.
+* :func:`attention_jvp` — ``(o, to, lse, mu)`` for the no-grad JVP pass: the Triton FlashAttention-2
+  JVP kernel on CUDA with bf16/fp16, :func:`math_attention_jvp` otherwise.
+* :func:`math_attention_jvp` — explicit math (no ``torch.func``), float64-capable; the CPU path and the
+  test oracle.
+* :func:`merge_attention_partials` — exact merge of results over disjoint key/value blocks, for ring
+  context parallelism.
+
+``lse`` is the natural-log log-sum-exp of the scaled scores per query row and ``mu = d lse`` its
+directional derivative; both float32 (float64 for float64 inputs), shape ``[B, H, Sq]``.
+
+This module needs only torch (and, for the kernel, triton): no megatron-core, no diffusers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attention",
+    "attention_jvp",
+    "math_attention",
+    "math_attention_jvp",
+    "merge_attention_partials",
+    "attention_backend",
+]
+
+AttentionJVPResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+# Query rows per chunk of the math path: bounds the [chunk, Sk] score matrix on CPU.
+_MATH_CHUNK_ROWS = 4096
+
+
+def _default_scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision inputs are computed in float32 on the math path; float64 stays float64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain attention
+# --------------------------------------------------------------------------------------------------
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """``softmax(scale q k^T) v`` computed in float32 (float64 for float64 inputs), chunked over queries."""
+    scale = _default_scale(q, scale)
+    cdt = _compute_dtype(q.dtype)
+    kc, vc = k.to(cdt), v.to(cdt)
+    outs = []
+    for q_chunk in q.split(_MATH_CHUNK_ROWS, dim=2):
+        s = torch.matmul(q_chunk.to(cdt), kc.transpose(-1, -2)) * scale
+        outs.append(torch.matmul(torch.softmax(s, dim=-1), vc))
+    return torch.cat(outs, dim=2).to(q.dtype)
+
+
+def _sdpa_cudnn_first(q, k, v, scale):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # Measured on H100 at the Wan-1.3B shape (B1 H12 S32760 D128): cuDNN 11.1 ms, FLASH 18.0 ms. The
+    # priority list falls through to the next backend whenever one rejects the inputs.
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _sdpa_backend(backend):
+    def run(q, k, v, scale):
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    return run
+
+
+def _flash_attn_3(q, k, v, scale):
+    # FlashAttention-3 (Hopper) takes [B, S, H, D]; a transpose of our layout is a free view.
+    from flash_attn_interface import flash_attn_func
+
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.transpose(1, 2)
+
+
+def _flash_attn_2(q, k, v, scale):
+    from flash_attn import flash_attn_func
+
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+    return out.transpose(1, 2)
+
+
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except Exception:  # a broken binary install raises more than ImportError
+        return False
+
+
+@functools.cache
+def attention_backend(device_type: str, major: int = 0) -> str:
+    """Name of the backend :func:`attention` uses for half-precision CUDA inputs.
+
+    ``RCM_ATTENTION_BACKEND`` overrides it (``sdpa``, ``cudnn``, ``flash``, ``efficient``, ``math``,
+    ``flash_attn``, ``flash_attn_3``). By default: FlashAttention-3 on Hopper when installed (faster than
+    cuDNN's forward there), else SDPA with cuDNN first. FlashAttention-2 and Transformer Engine's
+    DotProductAttention are not chosen by default: the first is SDPA's FLASH backend (slower than cuDNN
+    on H100) and the second runs the same cuDNN fused attention SDPA reaches.
+    """
+    override = os.environ.get("RCM_ATTENTION_BACKEND")
+    if override:
+        return override
+    if device_type != "cuda":
+        return "math"
+    if major == 9 and _importable("flash_attn_interface"):
+        return "flash_attn_3"
+    return "sdpa"
+
+
+def _backend_fn(name: str):
+    from torch.nn.attention import SDPBackend
+
+    table = {
+        "sdpa": _sdpa_cudnn_first,
+        "cudnn": _sdpa_backend(SDPBackend.CUDNN_ATTENTION),
+        "flash": _sdpa_backend(SDPBackend.FLASH_ATTENTION),
+        "efficient": _sdpa_backend(SDPBackend.EFFICIENT_ATTENTION),
+        "flash_attn": _flash_attn_2,
+        "flash_attn_3": _flash_attn_3,
+    }
+    if name not in table:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(table) + ['math']}")
+    return table[name]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """``softmax(scale q k^T) v`` for ``[B, H, S, D]`` inputs; output in the input dtype.
+
+    CUDA half-precision inputs go to the fastest backend available (:func:`attention_backend`); CPU and
+    float32/float64 inputs to the math path (float64 stays exact, which the CPU reference tests need).
+    """
+    scale = _default_scale(q, scale)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        name = attention_backend("cuda", torch.cuda.get_device_capability(q.device)[0])
+        if name != "math":
+            return _backend_fn(name)(q, k, v, scale)
+    return math_attention(q, k, v, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention with tangents
+# --------------------------------------------------------------------------------------------------
+
+
+def math_attention_jvp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tq: torch.Tensor,
+    tk: torch.Tensor | None = None,
+    tv: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> AttentionJVPResult:
+    """``(o, to, lse, mu)`` by explicit formulas, chunked over query rows.
+
+    With ``s = scale q k^T``, ``p = softmax(s)``, ``ds = scale (tq k^T + q tk^T)``:
+    ``lse = logsumexp(s)``, ``mu = sum_j p_j ds_j``, ``o = p v``, ``to = p tv + (p * (ds - mu)) v``.
+    Computed in float64 for float64 inputs, float32 otherwise; ``o, to`` are returned in the input dtype,
+    ``lse, mu`` in the compute dtype.
+    """
+    scale = _default_scale(q, scale)
+    cdt = _compute_dtype(q.dtype)
+    kc, vc = k.to(cdt), v.to(cdt)
+    tkc = tk.to(cdt) if tk is not None else None
+    tvc = tv.to(cdt) if tv is not None else None
+    kt = kc.transpose(-1, -2)
+    os_, tos, lses, mus = [], [], [], []
+    for q_chunk, tq_chunk in zip(q.split(_MATH_CHUNK_ROWS, dim=2), tq.split(_MATH_CHUNK_ROWS, dim=2)):
+        qc, tqc = q_chunk.to(cdt), tq_chunk.to(cdt)
+        s = torch.matmul(qc, kt) * scale
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse.unsqueeze(-1))
+        ds = torch.matmul(tqc, kt)
+        if tkc is not None:
+            ds = ds + torch.matmul(qc, tkc.transpose(-1, -2))
+        ds = ds * scale
+        mu = (p * ds).sum(dim=-1)
+        o = torch.matmul(p, vc)
+        to = torch.matmul(p * (ds - mu.unsqueeze(-1)), vc)
+        if tvc is not None:
+            to = to + torch.matmul(p, tvc)
+        os_.append(o)
+        tos.append(to)
+        lses.append(lse)
+        mus.append(mu)
+    return (
+        torch.cat(os_, dim=2).to(q.dtype),
+        torch.cat(tos, dim=2).to(q.dtype),
+        torch.cat(lses, dim=2),
+        torch.cat(mus, dim=2),
+    )
+
+
+def _kernel_supports(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
+@functools.cache
+def _kernel():
+    try:
+        from rcm_kernels import flash_attention_jvp
+    except ImportError:  # triton missing: fall back to the math path
+        return None
+    return flash_attention_jvp
+
+
+def attention_jvp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tq: torch.Tensor,
+    tk: torch.Tensor | None = None,
+    tv: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> AttentionJVPResult:
+    """Attention and its JVP, ``(o, to, lse, mu)``, under ``no_grad``.
+
+    ``tk = tv = None`` means zero key/value tangents (cross-attention to text), which skips two of the six
+    GEMMs. On CUDA with bf16/fp16 inputs this runs the Triton kernel (fp32 accumulators); otherwise
+    :func:`math_attention_jvp`.
+    """
+    with torch.no_grad():
+        if _kernel_supports(q):
+            kernel = _kernel()
+            if kernel is not None:
+                return kernel(q, k, v, tq, tk, tv, scale=scale)
+        return math_attention_jvp(q, k, v, tq, tk, tv, scale=scale)
+
+
+def merge_attention_partials(parts: list[AttentionJVPResult] | tuple[AttentionJVPResult, ...]) -> AttentionJVPResult:
+    """Merge ``(o, to, lse, mu)`` computed over disjoint key/value blocks into the full result.
+
+    With ``LSE = logsumexp_b lse_b`` and ``w_b = exp(lse_b - LSE)``::
+
+        o    = sum_b w_b o_b
+        dLSE = sum_b w_b mu_b
+        to   = sum_b w_b [to_b + (mu_b - dLSE) o_b]
+
+    (the second term is ``d w_b = w_b (mu_b - dLSE)``). A part whose keys were all masked
+    (``lse_b = -inf``) gets weight 0. Accumulates in float32 (float64 for float64 statistics); returns
+    ``o, to`` in the dtype of the first part's ``o``.
+    """
+    if len(parts) == 0:
+        raise ValueError("nothing to merge")
+    if len(parts) == 1:
+        return tuple(parts[0])
+    out_dtype = parts[0][0].dtype
+    cdt = torch.float64 if parts[0][2].dtype == torch.float64 else torch.float32
+    lses = torch.stack([p[2].to(cdt) for p in parts])
+    lse = torch.logsumexp(lses, dim=0)
+    # Rows where every part is empty keep lse = -inf; give them zero weights instead of NaN.
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    weights = torch.exp(lses - safe_lse)
+    mus = torch.stack([torch.where(w > 0, p[3].to(cdt), torch.zeros_like(w)) for p, w in zip(parts, weights)])
+    mu = (weights * mus).sum(dim=0)
+    o = torch.zeros(parts[0][0].shape, dtype=cdt, device=parts[0][0].device)
+    to = torch.zeros_like(o)
+    for (o_b, to_b, _, _), w, mu_b in zip(parts, weights, mus):
+        w_ = w.unsqueeze(-1)
+        live = w_ > 0
+        o_b = torch.where(live, o_b.to(cdt), 0.0)
+        to_b = torch.where(live, to_b.to(cdt), 0.0)
+        o = o + w_ * o_b
+        to = to + w_ * (to_b + (mu_b - mu).unsqueeze(-1) * o_b)
+    return o.to(out_dtype), to.to(out_dtype), lse, mu

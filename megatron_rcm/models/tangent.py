@@ -1,0 +1,171 @@
+"""Forward-mode (JVP) rules for the DiT's pieces.
+
+Every function takes a primal `x` and a tangent `tx` (or None for a plain pass) and returns `(y, ty)` with
+`ty = None` when `tx` is None, so each layer has one code path for the plain, the with-grad and the JVP pass.
+Linear pieces run the primal and the tangent through one GEMM / one collective by stacking them along the batch
+dimension (biases go to the primal half only); nonlinear pieces have explicit derivative rules. Statistics
+(norms) are computed in at least float32, float64 when the inputs are float64.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def stacked(fn, x, tx, dim: int):
+    """Apply a linear map `fn` to `x` and `tx` in one call, stacked along `dim`."""
+    if tx is None:
+        return fn(x), None
+    n = x.shape[dim]
+    y = fn(torch.cat([x, tx.to(x.dtype)], dim=dim))
+    return y.narrow(dim, 0, n), y.narrow(dim, n, y.shape[dim] - n)
+
+
+def parallel_linear(layer, x, tx, batch_dim: int = 1):
+    """megatron-core Column/RowParallelLinear built with `skip_bias_add=True`: bias on the primal only."""
+    if tx is None:
+        y, bias = layer(x)
+        return (y if bias is None else y + bias), None
+    n = x.shape[batch_dim]
+    y2, bias = layer(torch.cat([x, tx.to(x.dtype)], dim=batch_dim))
+    y, ty = y2.narrow(batch_dim, 0, n), y2.narrow(batch_dim, n, y2.shape[batch_dim] - n)
+    return (y if bias is None else y + bias), ty
+
+
+def linear(layer: torch.nn.Linear, x, tx):
+    """A replicated torch Linear (inputs in any layout, features last)."""
+    if tx is None:
+        return layer(x), None
+    y2 = F.linear(torch.cat([x, tx.to(x.dtype)], dim=0), layer.weight)
+    n = x.shape[0]
+    y, ty = y2[:n], y2[n:]
+    return (y if layer.bias is None else y + layer.bias), ty
+
+
+def silu(x, tx):
+    y = F.silu(x)
+    if tx is None:
+        return y, None
+    s = torch.sigmoid(x)
+    return y, tx * (s * (1 + x * (1 - s)))
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x, tx):
+    y = F.gelu(x, approximate="tanh")
+    if tx is None:
+        return y, None
+    u = _GELU_C * (x + 0.044715 * x**3)
+    th = torch.tanh(u)
+    dy = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _GELU_C * (1 + 3 * 0.044715 * x * x)
+    return y, tx * dy
+
+
+def layer_norm(x, tx, eps: float, weight=None, bias=None):
+    """LayerNorm over the last dimension in at least float32; returns the compute dtype."""
+    ct = compute_dtype(x.dtype)
+    xf = x.to(ct)
+    w = None if weight is None else weight.to(ct)
+    b = None if bias is None else bias.to(ct)
+    y = F.layer_norm(xf, xf.shape[-1:], w, b, eps)
+    if tx is None:
+        return y, None
+    xc = xf - xf.mean(-1, keepdim=True)
+    r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    txf = tx.to(ct)
+    dxc = txf - txf.mean(-1, keepdim=True)
+    n = xc * r
+    dn = r * dxc - n * (r * r) * (xc * dxc).mean(-1, keepdim=True)
+    return y, (dn if w is None else dn * w)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """All-reduce whose backward is an all-reduce too: every rank's output depends on every rank's input and
+    the ranks use the result differently (megatron's reduce_from_tensor_model_parallel_region assumes the
+    opposite and passes gradients through unchanged)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x, group):
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _AllReduceSum.apply(x, group)
+
+
+def rms_norm(x, tx, weight, eps: float, full_dim: int, group=None):
+    """RMSNorm over the last dimension, which may be split across `group` (q/k norm across all heads under
+    TP): the sums of x*x (and of x*tx for the tangent) are all-reduced in one collective."""
+    ct = compute_dtype(x.dtype)
+    xf = x.to(ct)
+    w = weight.to(ct)
+    if tx is None:
+        ss = all_reduce_sum((xf * xf).sum(-1, keepdim=True), group)
+        r = torch.rsqrt(ss / full_dim + eps)
+        return (xf * r * w).to(x.dtype), None
+    txf = tx.to(ct)
+    stats = all_reduce_sum(torch.cat([(xf * xf).sum(-1, keepdim=True), (xf * txf).sum(-1, keepdim=True)], -1), group)
+    r = torch.rsqrt(stats[..., :1] / full_dim + eps)
+    n = xf * r
+    dn = r * txf - n * (r * r) * (stats[..., 1:] / full_dim)
+    return (n * w).to(x.dtype), (dn * w).to(x.dtype)
+
+
+def modulate(n, tn, shift, tshift, scale, tscale):
+    """adaLN: n * (1 + scale) + shift."""
+    y = n * (1 + scale) + shift
+    if tn is None and tshift is None:
+        return y, None
+    ty = 0
+    if tn is not None:
+        ty = tn * (1 + scale)
+    if tscale is not None:
+        ty = ty + n * tscale + tshift
+    return y, ty
+
+
+def gated_residual(x, tx, a, ta, gate, tgate):
+    """x + a * gate, in the compute dtype of the gate."""
+    y = x.to(gate.dtype) + a.to(gate.dtype) * gate
+    if tx is None and ta is None and tgate is None:
+        return y, None
+    ty = tx.to(gate.dtype) if tx is not None else 0
+    if ta is not None:
+        ty = ty + ta.to(gate.dtype) * gate
+    if tgate is not None:
+        ty = ty + a.to(gate.dtype) * tgate
+    return y, ty
+
+
+def add(x, tx, y, ty):
+    out = x + y
+    if tx is None and ty is None:
+        return out, None
+    if tx is None:
+        return out, ty
+    if ty is None:
+        return out, tx
+    return out, tx + ty
+
+
+def cast(x, tx, dtype):
+    return x.to(dtype), (None if tx is None else tx.to(dtype))

@@ -1,0 +1,255 @@
+"""Wan2.1 text-to-video DiT (diffusers' `WanTransformer3DModel`) on megatron-core tensor-parallel layers.
+
+What is Wan-specific lives here: the 6-way adaLN modulation from one shared time projection, q/k RMSNorm over
+all heads, the affine LayerNorm before cross-attention, RoPE on channel pairs, and the head's 2-way
+modulation from the time embedding. The blocks themselves are shared (blocks.py).
+"""
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+
+from megatron_rcm.models import tangent as T
+from megatron_rcm.models.blocks import (
+    MLP,
+    Attention,
+    AttentionConfig,
+    TextProjection,
+    TimestepEmbedding,
+    parallel_config,
+    replicate_for_sequence_parallel,
+)
+from megatron_rcm.models.rope import apply_rope_interleaved, rope_angles
+from megatron_rcm.parallel import state
+
+
+@dataclasses.dataclass
+class WanConfig:
+    """Architecture of a Wan2.1 DiT (names follow diffusers' `WanTransformer3DModel` config)."""
+
+    num_attention_heads: int = 12
+    """Attention heads; the tensor-parallel size must divide it."""
+    attention_head_dim: int = 128
+    """Channels per head; the model width is heads x head_dim."""
+    ffn_dim: int = 8960
+    """Hidden width of the feed-forward network."""
+    num_layers: int = 30
+    """Transformer blocks."""
+    in_channels: int = 16
+    """Latent channels in."""
+    out_channels: int = 16
+    """Latent channels out."""
+    text_dim: int = 4096
+    """Width of the text-encoder states (UMT5-XXL: 4096)."""
+    freq_dim: int = 256
+    """Width of the sinusoidal time embedding."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """Patch size over (frames, height, width)."""
+    eps: float = 1e-6
+    """Epsilon of every norm."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    timestep_scale: float = 1000.0
+    """Timestep units of the network: timestep = timestep_scale x rectified-flow time s."""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def to_diffusers(self) -> dict:
+        """The `config.json` fields of diffusers' WanTransformer3DModel."""
+        return dict(
+            _class_name="WanTransformer3DModel", patch_size=list(self.patch_size),
+            num_attention_heads=self.num_attention_heads, attention_head_dim=self.attention_head_dim,
+            in_channels=self.in_channels, out_channels=self.out_channels, text_dim=self.text_dim,
+            freq_dim=self.freq_dim, ffn_dim=self.ffn_dim, num_layers=self.num_layers, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=self.eps, image_dim=None, added_kv_proj_dim=None,
+            rope_max_seq_len=1024, pos_embed_seq_len=None)
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> "WanConfig":
+        unsupported = {k: cfg.get(k) for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+                       if cfg.get(k) is not None}
+        if unsupported:
+            raise ValueError(f"image-conditioned Wan models are not supported (config has {unsupported})")
+        if not cfg.get("cross_attn_norm", True) or cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+            raise ValueError("only Wan2.1 text-to-video configs (cross_attn_norm=True, qk_norm across heads) are supported")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in cfg.items() if k in names}
+        if "patch_size" in kw:
+            kw["patch_size"] = tuple(kw["patch_size"])
+        return cls(**kw)
+
+
+PRESETS: dict[str, WanConfig] = {
+    "wan2.1-t2v-1.3b": WanConfig(num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    "wan2.1-t2v-14b": WanConfig(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+    # tiny configurations for tests and CPU demos
+    "wan-tiny": WanConfig(num_attention_heads=2, attention_head_dim=12, ffn_dim=48, num_layers=2, in_channels=4,
+                          out_channels=4, text_dim=16, freq_dim=16),
+    "wan-tiny-tp": WanConfig(num_attention_heads=4, attention_head_dim=12, ffn_dim=64, num_layers=2, in_channels=4,
+                             out_channels=4, text_dim=16, freq_dim=16),
+}
+
+
+class WanBlock(torch.nn.Module):
+    def __init__(self, config: WanConfig, cfg, high_dtype: torch.dtype):
+        super().__init__()
+        h = config.hidden_size
+        self.eps = config.eps
+        self.cfg = cfg
+        self.self_attention = Attention(AttentionConfig(h, config.num_attention_heads, config.attention_head_dim,
+                                                        config.eps, "across_heads"), cfg)
+        self.cross_attention_norm = torch.nn.LayerNorm(h, eps=config.eps, dtype=high_dtype)
+        self.cross_attention = Attention(AttentionConfig(h, config.num_attention_heads, config.attention_head_dim,
+                                                         config.eps, "across_heads", context_dim=h), cfg)
+        self.mlp = MLP(h, config.ffn_dim, cfg)
+        self.modulation = torch.nn.Parameter(torch.randn(1, 6, h, dtype=high_dtype) / h**0.5)
+
+    def forward(self, x, tx, t_proj, tt_proj, rope, context):
+        """x [s, b, h]; t_proj [b, 6, h] (high precision) and its tangent."""
+        dtype = x.dtype
+        e = replicate_for_sequence_parallel(self.modulation + t_proj, self.cfg)
+        mods = [m[None] for m in e.unbind(1)]  # each [1, b, h]
+        tmods = [None] * 6 if tt_proj is None else [m[None] for m in tt_proj.unbind(1)]
+        shift, scale, gate, c_shift, c_scale, c_gate = mods
+        tshift, tscale, tgate, tc_shift, tc_scale, tc_gate = tmods
+
+        n, tn = T.layer_norm(x, tx, self.eps)
+        n, tn = T.cast(*T.modulate(n, tn, shift, tshift, scale, tscale), dtype)
+        a, ta = self.self_attention(n, tn, rope=rope)
+        x, tx = T.cast(*T.gated_residual(x, tx, a, ta, gate, tgate), dtype)
+
+        w = replicate_for_sequence_parallel(self.cross_attention_norm.weight, self.cfg)
+        b = replicate_for_sequence_parallel(self.cross_attention_norm.bias, self.cfg)
+        n, tn = T.cast(*T.layer_norm(x, tx, self.eps, w, b), dtype)
+        a, ta = self.cross_attention(n, tn, context=context)
+        x, tx = T.add(x, tx, a, ta)
+
+        n, tn = T.layer_norm(x, tx, self.eps)
+        n, tn = T.cast(*T.modulate(n, tn, c_shift, tc_shift, c_scale, tc_scale), dtype)
+        f, tf = self.mlp(n, tn)
+        return T.cast(*T.gated_residual(x, tx, f, tf, c_gate, tc_gate), dtype)
+
+
+class WanModel(torch.nn.Module):
+    """Wan2.1 DiT. `model(latents, timestep, text)` -> velocity; `model.jvp(...)` -> (velocity, tangent).
+
+    Built in the current megatron-core parallel layout (tensor-parallel size from `parallel_state`).
+    `params_dtype` is the dtype of the large layers; the time embedding, modulation tables, norms and head
+    are kept in float32 (or in `params_dtype` when that is wider).
+    """
+
+    def __init__(self, config: WanConfig, params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
+                 perform_initialization: bool = True):
+        super().__init__()
+        state.ensure_parallel()
+        self.config = config
+        self.cfg = parallel_config(params_dtype, sequence_parallel, perform_initialization)
+        self.sequence_parallel = self.cfg.sequence_parallel
+        self.high_dtype = high = torch.promote_types(params_dtype, torch.float32)
+        h = config.hidden_size
+        self.patch_embedding = torch.nn.Conv3d(config.in_channels, h, config.patch_size, config.patch_size,
+                                               dtype=params_dtype)
+        self.time_embedding = TimestepEmbedding(config.freq_dim, h, high)
+        self.time_projection = torch.nn.Linear(h, 6 * h, dtype=high)
+        self.text_embedding = TextProjection(config.text_dim, h, params_dtype)
+        self.blocks = torch.nn.ModuleList(WanBlock(config, self.cfg, high) for _ in range(config.num_layers))
+        self.head = torch.nn.Linear(h, config.out_channels * math.prod(config.patch_size), dtype=high)
+        self.head_modulation = torch.nn.Parameter(torch.randn(1, 2, h, dtype=high) / h**0.5)
+        self._rope_cache = {}
+
+    # ----------------------------------------------------------------------------------------------
+    def _check_inputs(self, latents, timestep, text):
+        c = self.config
+        if latents.dim() != 5 or latents.shape[1] != c.in_channels:
+            raise ValueError(f"latents must be [B, {c.in_channels}, T, H, W], got {tuple(latents.shape)}")
+        b = latents.shape[0]
+        for size, p, axis in zip(latents.shape[2:], c.patch_size, "THW"):
+            if size % p:
+                raise ValueError(f"latent {axis}={size} is not divisible by the patch size {p}")
+        if timestep.dim() != 1 or timestep.shape[0] != b:
+            raise ValueError(f"timestep must be [B={b}], got {tuple(timestep.shape)}")
+        if text.dim() != 3 or text.shape[0] != b or text.shape[2] != c.text_dim:
+            raise ValueError(f"text must be [B={b}, L, {c.text_dim}], got {tuple(text.shape)}")
+        tokens = math.prod(s // p for s, p in zip(latents.shape[2:], c.patch_size))
+        tp = self.cfg.tensor_model_parallel_size
+        if self.sequence_parallel and tokens % tp:
+            raise ValueError(f"sequence parallelism needs the token count ({tokens}) divisible by TP={tp}")
+
+    def _rope(self, grid, device):
+        key = (grid, device)
+        if key not in self._rope_cache:
+            ang = rope_angles(grid, self.config.attention_head_dim, self.config.rope_theta, device=device)
+            ang = ang.to(self.high_dtype)[:, None, None, :]
+            self._rope_cache = {key: (torch.cos(ang), torch.sin(ang))}
+        cos, sin = self._rope_cache[key]
+        return lambda x: apply_rope_interleaved(x, cos, sin)
+
+    def _run(self, latents, timestep, text, tlatents, ttimestep):
+        c = self.config
+        self._check_inputs(latents, timestep, text)
+        out_dtype = latents.dtype
+        dtype = self.patch_embedding.weight.dtype
+        b, _, f, hh, ww = latents.shape
+        grid = (f // c.patch_size[0], hh // c.patch_size[1], ww // c.patch_size[2])
+
+        x, tx = T.stacked(lambda z: F.conv3d(z, self.patch_embedding.weight, None, c.patch_size),
+                          latents.to(dtype), None if tlatents is None else tlatents.to(dtype), dim=0)
+        x = x + self.patch_embedding.bias.view(1, -1, 1, 1, 1)
+        to_seq = lambda z: None if z is None else z.flatten(2).permute(2, 0, 1).contiguous()  # [S, B, h]
+        x, tx = to_seq(x), to_seq(tx)
+        if self.sequence_parallel:
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+            tx = None if tx is None else tensor_parallel.scatter_to_sequence_parallel_region(tx)
+
+        temb, ttemb = self.time_embedding(timestep, ttimestep)
+        a, ta = T.silu(temb, ttemb)
+        t_proj, tt_proj = T.linear(self.time_projection, a, ta)
+        t_proj = t_proj.unflatten(1, (6, -1))
+        tt_proj = None if tt_proj is None else tt_proj.unflatten(1, (6, -1))
+
+        context = self.text_embedding(text).to(dtype).transpose(0, 1)  # [L, B, h]
+        rope = self._rope(grid, latents.device)
+        for block in self.blocks:
+            x, tx = block(x, tx, t_proj, tt_proj, rope, context)
+
+        if self.sequence_parallel:
+            # the head runs replicated on the full sequence: its gradient must be split, not reduce-scattered
+            x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+            tx = None if tx is None else tensor_parallel.gather_from_sequence_parallel_region(
+                tx, tensor_parallel_output_grad=False)
+        e = self.head_modulation + temb[:, None]  # [B, 2, h]
+        shift, scale = e[:, 0][None], e[:, 1][None]
+        tshift = tscale = None
+        if ttemb is not None:
+            tshift, tscale = ttemb[None], ttemb[None]
+        n, tn = T.layer_norm(x, tx, c.eps)
+        n, tn = T.modulate(n, tn, shift, tshift, scale, tscale)
+        y, ty = T.linear(self.head, n.transpose(0, 1), None if tn is None else tn.transpose(0, 1))  # [B, S, o]
+        return self._unpatchify(y, grid, out_dtype), (None if ty is None else self._unpatchify(ty, grid, out_dtype))
+
+    def _unpatchify(self, y, grid, dtype):
+        b = y.shape[0]
+        pt, ph, pw = self.config.patch_size
+        y = y.reshape(b, *grid, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return y.flatten(6, 7).flatten(4, 5).flatten(2, 3).to(dtype)
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, latents, timestep, text):
+        """latents [B, C, T, H, W], timestep [B] in the teacher's units (0..1000), text [B, L, text_dim]
+        -> velocity [B, C, T, H, W] in the dtype of `latents`, complete on every rank."""
+        return self._run(latents, timestep, text, None, None)[0]
+
+    def jvp(self, latents, timestep, text, latents_tangent=None, timestep_tangent=None):
+        """(velocity, d velocity) along (latents_tangent, timestep_tangent); text carries no tangent.
+        Always runs without autograd."""
+        with torch.no_grad():
+            if latents_tangent is None:
+                latents_tangent = torch.zeros_like(latents)
+            if timestep_tangent is None:
+                timestep_tangent = torch.zeros_like(timestep, dtype=torch.promote_types(timestep.dtype, torch.float32))
+            return self._run(latents, timestep, text, latents_tangent, timestep_tangent)

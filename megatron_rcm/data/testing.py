@@ -79,3 +79,63 @@ def corrupt_payload(src: str, dst: str, first_packet: int = 1) -> None:
             data[i] = (data[i] * 77 + 13) % 256
     with open(dst, "wb") as f:
         f.write(bytes(data))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny random encoders saved in the diffusers Wan folder layout (vae/, text_encoder/, tokenizer/)
+
+TINY_SENTENCES = [
+    "a red fox runs through the snow",
+    "a blue car drives on a wet road at night",
+    "two cats play with a ball of yarn",
+    "waves break on a rocky shore under a grey sky",
+]
+
+
+def save_tiny_vae(root: str, seed: int = 0):
+    """A randomly initialised ``AutoencoderKLWan`` (about 0.2 M parameters) saved to ``root/vae``."""
+    import os
+
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    vae.save_pretrained(os.path.join(root, "vae"))
+    return vae
+
+
+def save_tiny_text_encoder(root: str, seed: int = 0, hidden: int = 32):
+    """A random ``UMT5EncoderModel`` and a word-level tokenizer (built offline from
+    :data:`TINY_SENTENCES`) saved to ``root/text_encoder`` and ``root/tokenizer``."""
+    import os
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = sorted({w for s in TINY_SENTENCES for w in s.split()})
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # Like T5: every sequence ends with </s>.
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(os.path.join(root, "tokenizer"))
+
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=len(vocab) + 5,
+        d_model=hidden,
+        d_kv=8,
+        d_ff=2 * hidden,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    encoder = UMT5EncoderModel(config)
+    encoder.save_pretrained(os.path.join(root, "text_encoder"))
+    return encoder, tokenizer

@@ -24,6 +24,8 @@ setup(
         "numpy>=1.26,<3",
         "av>=12,<17",
         "tqdm>=4.60,<5",
+        "psutil>=5.9",
+        "accelerate>=1.0,<2",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.0"],

@@ -21,11 +21,18 @@ def _cpu_current_device():
     return _CPU_DEVICE
 
 
+def _no_synchronize(device=None):
+    return None
+
+
 def _allow_megatron_on_cpu():
-    # megatron-core's sequence-parallel gathers allocate on `torch.cuda.current_device()`; without CUDA
-    # that raises. Returning the CPU device there is the only change its TP/SP layers need on gloo.
+    # Without CUDA, megatron-core's sequence-parallel gathers allocate on `torch.cuda.current_device()` and
+    # dist_checkpointing's writer calls `torch.cuda.synchronize()`; both raise. Pointing the first at the CPU
+    # and making the second a no-op is all that megatron's TP/SP layers and dist_checkpointing (torch_dist
+    # backend) need to run on gloo (measured; docs/architecture.md, "CPU path").
     if not torch.cuda.is_available():
         torch.cuda.current_device = _cpu_current_device
+        torch.cuda.synchronize = _no_synchronize
 
 
 def default_backend() -> str:

@@ -1,0 +1,32 @@
+"""DiT models on megatron-core parallel layers (Wan2.1; Cosmos-Predict2) and their loading.
+
+    from megatron_rcm.models import from_pretrained
+    model = from_pretrained("Wan2.1-T2V-1.3B-Diffusers")        # pipeline folder or its transformer/ folder
+    velocity = model(latents, timestep, text)                   # [B,C,T,H,W], [B] in 0..1000, [B,L,4096]
+    velocity, tangent = model.jvp(latents, timestep, text, latents_tangent, timestep_tangent)
+"""
+
+from megatron_rcm.models.loading import (
+    ARCHITECTURES,
+    build_model,
+    from_pretrained,
+    inspect_checkpoint,
+    save_diffusers,
+    save_megatron,
+)
+from megatron_rcm.models.wan import PRESETS as WAN_PRESETS
+from megatron_rcm.models.wan import WanConfig, WanModel
+
+PRESETS = {name: ("wan", config) for name, config in WAN_PRESETS.items()}
+"""name -> (architecture name, config)."""
+
+
+def get_preset(name: str):
+    """(architecture name, config) of a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+__all__ = ["ARCHITECTURES", "PRESETS", "WanConfig", "WanModel", "build_model", "from_pretrained", "get_preset",
+           "inspect_checkpoint", "save_diffusers", "save_megatron"]

@@ -1,0 +1,158 @@
+"""`from_pretrained`: build a DiT in the current parallel layout from a diffusers folder, a diffusers pipeline
+folder, an original release, or a megatron-rcm checkpoint; `save_megatron` / `save_diffusers` write them."""
+
+import contextlib
+import dataclasses
+import os
+from typing import Callable
+
+import torch
+
+from megatron_rcm.checkpoint import hf, io
+from megatron_rcm.checkpoint import wan as wan_keys
+from megatron_rcm.checkpoint.sharding import full_state_dict, load_full_state_dict
+from megatron_rcm.models.wan import WanConfig, WanModel
+from megatron_rcm.parallel import state
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How one model family maps to diffusers and to its original release."""
+
+    name: str
+    config_cls: type
+    model_cls: type
+    hf_class_name: str
+    hf_to_mcore: Callable[[dict, object], dict]
+    mcore_to_hf: Callable[[dict, object], dict]
+    original_to_hf: Callable[[dict], dict] | None = None
+    config_from_original: Callable[[dict], object] | None = None
+
+
+def _wan_config_from_original(cfg: dict):
+    return WanConfig(num_attention_heads=cfg["num_heads"], attention_head_dim=cfg["dim"] // cfg["num_heads"],
+                     ffn_dim=cfg["ffn_dim"], num_layers=cfg["num_layers"], in_channels=cfg.get("in_dim", 16),
+                     out_channels=cfg.get("out_dim", 16), freq_dim=cfg.get("freq_dim", 256),
+                     text_dim=cfg.get("text_dim", 4096), eps=cfg.get("eps", 1e-6))
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "wan": Architecture(
+        name="wan", config_cls=WanConfig, model_cls=WanModel, hf_class_name="WanTransformer3DModel",
+        hf_to_mcore=lambda sd, c: wan_keys.hf_to_mcore(sd, c.num_attention_heads),
+        mcore_to_hf=lambda sd, c: wan_keys.mcore_to_hf(sd, c.num_attention_heads),
+        original_to_hf=wan_keys.original_to_hf, config_from_original=_wan_config_from_original),
+}
+
+
+def config_to_dict(config) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def config_from_dict(arch: Architecture, d: dict):
+    names = {f.name: f for f in dataclasses.fields(arch.config_cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {arch.name} config keys {unknown}")
+    return arch.config_cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+def architecture_of(model: torch.nn.Module) -> Architecture:
+    for arch in ARCHITECTURES.values():
+        if isinstance(model, arch.model_cls):
+            return arch
+    raise TypeError(f"no checkpoint architecture for {type(model).__name__}")
+
+
+def _device_context(device):
+    return torch.device(device) if device is not None else contextlib.nullcontext()
+
+
+def build_model(arch: Architecture, config, params_dtype=torch.float32, sequence_parallel=False, device=None,
+                perform_initialization=True):
+    state.ensure_parallel()
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    with _device_context(device):
+        return arch.model_cls(config, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+                              perform_initialization=perform_initialization)
+
+
+def inspect_checkpoint(path: str, model: str | None = None):
+    """Return (architecture, config, kind, directory) for a checkpoint directory, or raise a clear error.
+
+    kind is 'megatron', 'diffusers' or 'original'."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    header = io.read_header(path)
+    if header is not None:
+        arch = ARCHITECTURES[header["model"]]
+        kind, directory, config = "megatron", path, config_from_dict(arch, header["config"])
+    else:
+        directory = hf.resolve_model_dir(path)
+        cfg = hf.read_config(directory) or {}
+        by_class = {a.hf_class_name: a for a in ARCHITECTURES.values()}
+        if cfg.get("_class_name") in by_class:
+            arch = by_class[cfg["_class_name"]]
+            kind, config = "diffusers", arch.config_cls.from_diffusers(cfg)
+        elif "dim" in cfg and "num_heads" in cfg and model in (None, "wan"):
+            arch = ARCHITECTURES["wan"]
+            kind, config = "original", arch.config_from_original(cfg)
+        else:
+            expected = ", ".join(a.hf_class_name for a in ARCHITECTURES.values())
+            raise ValueError(
+                f"{path} is not a supported checkpoint: expected a diffusers model folder (config.json with "
+                f"_class_name in {{{expected}}}), a diffusers pipeline folder (model_index.json + transformer/), "
+                f"an original Wan-AI release (config.json with dim/num_heads + safetensors) or a megatron-rcm "
+                f"checkpoint ({io.HEADER})")
+    if model is not None and arch.name != model:
+        raise ValueError(f"{path} holds a {arch.name} model, not {model}")
+    return arch, config, kind, directory
+
+
+def read_full_state_dict(arch: Architecture, config, kind: str, directory: str) -> dict[str, torch.Tensor]:
+    """The full (unsharded) megatron-named state dict of a diffusers or original checkpoint."""
+    sd = hf.read_state_dict(directory)
+    if kind == "original":
+        sd = arch.original_to_hf(sd)
+    try:
+        return arch.hf_to_mcore(sd, config)
+    except KeyError as e:
+        raise ValueError(f"{directory} is not a valid {arch.name} checkpoint: {e.args[0]}") from None
+
+
+def from_pretrained(path: str, *, params_dtype: torch.dtype = torch.bfloat16, sequence_parallel: bool = False,
+                    device=None, model: str | None = None) -> torch.nn.Module:
+    """Load a DiT in the current parallel layout (a one-process layout is set up if none exists).
+
+    `path`: a diffusers model folder (the `transformer` folder of a pipeline, or the pipeline folder itself), an
+    original Wan-AI release folder, or a megatron-rcm checkpoint. `model` ('wan', ...) checks the family.
+    """
+    state.ensure_parallel()
+    arch, config, kind, directory = inspect_checkpoint(path, model)
+    net = build_model(arch, config, params_dtype, sequence_parallel, device, perform_initialization=False)
+    if kind == "megatron":
+        io.load_model(net, directory)
+    else:
+        load_full_state_dict(net, read_full_state_dict(arch, config, kind, directory), f"checkpoint {directory}")
+    return net
+
+
+def save_megatron(net: torch.nn.Module, path: str) -> None:
+    """Write a megatron-rcm checkpoint of `net` (every rank calls this)."""
+    arch = architecture_of(net)
+    io.save_model(net, path, {"model": arch.name, "config": config_to_dict(net.config),
+                              "params_dtype": str(next(net.parameters()).dtype)})
+
+
+def save_diffusers(net: torch.nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
+    """Write a diffusers model folder (config.json + safetensors) of `net` (every rank calls this)."""
+    arch = architecture_of(net)
+    sd = full_state_dict(net)
+    tmp = io.atomic_dir(path)
+    if torch.distributed.get_rank() == 0:
+        hf_sd = arch.mcore_to_hf(sd, net.config)
+        if dtype is not None:
+            hf_sd = {k: v.to(dtype) for k, v in hf_sd.items()}
+        hf.write_model_dir(tmp, {k: v.cpu() for k, v in hf_sd.items()}, net.config.to_diffusers())
+    io.commit_dir(tmp, path)

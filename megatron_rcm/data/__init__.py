@@ -4,14 +4,22 @@ DALI is an optional dependency (extra ``dali``); it is imported only when a vide
 """
 
 from .manifest import ManifestEntry, read_manifest, write_manifest
-from .video import RESOLUTION_BUCKETS, VideoLoader, VideoLoaderConfig, video_loader
+from .shards import LatentLoader, ShardMeta, latent_loader, read_meta, write_meta, write_shard
+from .video import RESOLUTION_BUCKETS, NoUsableVideos, VideoLoader, VideoLoaderConfig, video_loader
 
 __all__ = [
+    "LatentLoader",
     "ManifestEntry",
+    "NoUsableVideos",
     "RESOLUTION_BUCKETS",
+    "ShardMeta",
     "VideoLoader",
     "VideoLoaderConfig",
+    "latent_loader",
     "read_manifest",
+    "read_meta",
     "video_loader",
     "write_manifest",
+    "write_meta",
+    "write_shard",
 ]

@@ -88,6 +88,14 @@ class VideoLoaderConfig:
             raise ValueError(f"step must be >= 1, got {self.step}")
 
 
+class NoUsableVideos(RuntimeError):
+    """Every video of a rank was skipped; ``skipped`` lists ``(path, reason)``."""
+
+    def __init__(self, message: str, skipped: list[tuple[str, str]]):
+        super().__init__(message)
+        self.skipped = skipped
+
+
 def _resolve_device(device) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -209,11 +217,14 @@ class VideoLoader:
     starts over).
     """
 
-    def __init__(self, manifest: str | os.PathLike, config: VideoLoaderConfig, device=None):
+    def __init__(self, manifest: str | os.PathLike | list[ManifestEntry], config: VideoLoaderConfig, device=None):
         self.config = config
         self.device = _resolve_device(device)
-        self.manifest = os.fspath(manifest)
-        self._entries = read_manifest(self.manifest)
+        if isinstance(manifest, list):  # entries already read (e.g. one shard's rows during preprocessing)
+            self.manifest, self._entries = "<entries>", list(manifest)
+        else:
+            self.manifest = os.fspath(manifest)
+            self._entries = read_manifest(self.manifest)
         self._by_index = {e.index: e for e in self._entries}
         self._mine = rank_entries(self._entries, dp_rank=config.dp_rank, dp_size=config.dp_size, seed=config.seed)
         self._codecs = GPU_CODECS if self.device.type == "cuda" else CPU_CODECS
@@ -233,6 +244,11 @@ class VideoLoader:
     def num_skipped(self) -> int:
         """Number of files of this rank skipped as unusable."""
         return len(self.skipped)
+
+    @property
+    def usable_indices(self) -> set[int]:
+        """Manifest rows of this rank's videos not (yet) skipped."""
+        return {e.index for e in self._usable()}
 
     @property
     def samples_per_epoch(self) -> int:
@@ -279,9 +295,10 @@ class VideoLoader:
         cfg = self.config
         usable = self._usable()
         if not usable:
-            raise RuntimeError(
+            raise NoUsableVideos(
                 f"no usable videos for dp rank {cfg.dp_rank} of {cfg.dp_size} in {self.manifest!r} "
-                f"({len(self._mine)} listed, {self.num_skipped} skipped; first reasons: {self.skipped[:3]})"
+                f"({len(self._mine)} listed, {self.num_skipped} skipped; first reasons: {self.skipped[:3]})",
+                list(self.skipped),
             )
         return build_video_pipeline(
             [e.path for e in usable],

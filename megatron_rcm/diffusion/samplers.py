@@ -109,11 +109,15 @@ def unipc_sample(
 
     Predictor UniP-p and corrector UniC-p with p <= `order` (1 or 2): warm-up with lower orders, the last step is
     first order (it lands on the data prediction). The corrector reuses the model output at the predicted point,
-    so it costs no extra evaluation. Written from the paper's update rules.
+    so it costs no extra evaluation. Written from the paper's update rules; the step conventions (lower order at the
+    start and at the final step, s_0 = 1 - 1e-6) follow diffusers' UniPCMultistepScheduler with flow sigmas, which the
+    tests use as the reference.
     """
     if order not in (1, 2):
         raise ValueError("order must be 1 or 2")
     sig = flow_sigmas(num_steps, shift, noise.device)
+    # as diffusers does: start just below s = 1 so that the first log-SNR is finite and step 2 can be second order
+    sig[0] = min(sig[0].item(), 1.0 - 1e-6)
     lam = _lam(sig)
     x = noise.double()
     ms: list[torch.Tensor] = []  # data predictions at the visited points
@@ -125,8 +129,6 @@ def unipc_sample(
             x = _unipc_update(x_prev, ms, lam, sig, i - 1, i, order_prev, m_next=m)
         ms.append(m)
         this_order = min(order, num_steps - i, len(ms))
-        if this_order == 2 and not torch.isfinite(lam[i - 1]):
-            this_order = 1  # the previous point is s = 1 (log-SNR -inf): no usable difference
         x_prev, order_prev = x, this_order
         x = _unipc_update(x, ms, lam, sig, i, i + 1, this_order)
     return x

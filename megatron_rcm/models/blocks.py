@@ -47,9 +47,14 @@ def column(cfg: ModelParallelConfig, n_in: int, n_out: int) -> tensor_parallel.C
 
 
 def row(cfg: ModelParallelConfig, n_in: int, n_out: int) -> tensor_parallel.RowParallelLinear:
-    return tensor_parallel.RowParallelLinear(
+    layer = tensor_parallel.RowParallelLinear(
         n_in, n_out, config=cfg, init_method=_init_normal(1.0 / math.sqrt(n_in)), bias=True,
         input_is_parallel=True, skip_bias_add=True)
+    # The bias is added to sequence-parallel tokens by `tangent.parallel_linear`, which makes its gradient
+    # complete in-graph (replicate_for_sequence_parallel); megatron's separate reduction must not run too.
+    layer.bias.sequence_parallel = False
+    layer.bias_needs_sequence_parallel_replication = cfg.sequence_parallel
+    return layer
 
 
 def sharded_norm_weight(size_per_partition: int, dtype: torch.dtype) -> torch.nn.Parameter:

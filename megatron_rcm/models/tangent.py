@@ -31,11 +31,21 @@ def parallel_linear(layer, x, tx, batch_dim: int = 1):
     """megatron-core Column/RowParallelLinear built with `skip_bias_add=True`: bias on the primal only."""
     if tx is None:
         y, bias = layer(x)
-        return (y if bias is None else y + bias), None
+        return (y if bias is None else y + _sp_bias(layer, bias)), None
     n = x.shape[batch_dim]
     y2, bias = layer(torch.cat([x, tx.to(x.dtype)], dim=batch_dim))
+    bias = None if bias is None else _sp_bias(layer, bias)
     y, ty = y2.narrow(batch_dim, 0, n), y2.narrow(batch_dim, n, y2.shape[batch_dim] - n)
     return (y if bias is None else y + bias), ty
+
+
+def _sp_bias(layer, bias):
+    # a row-parallel bias lands on sequence-parallel tokens: identity forward, all-reduce backward
+    if getattr(layer, "bias_needs_sequence_parallel_replication", False) and bias.requires_grad:
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        return copy_to_tensor_model_parallel_region(bias)
+    return bias
 
 
 def linear(layer: torch.nn.Linear, x, tx):

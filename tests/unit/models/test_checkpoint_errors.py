@@ -1,0 +1,89 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from wan_reference import diffusers_wan
+
+from megatron_rcm.models import from_pretrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def convert(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), *args],
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wan") / "hf"
+    diffusers_wan().save_pretrained(path)
+    return path
+
+
+def _corrupt(hf_dir, tmp_path, edit):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "bad"
+    out.mkdir()
+    (out / "config.json").write_text((hf_dir / "config.json").read_text())
+    sd = load_file(hf_dir / "diffusion_pytorch_model.safetensors")
+    edit(sd)
+    save_file(sd, out / "diffusion_pytorch_model.safetensors")
+    return out
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="not a supported checkpoint"):
+        from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        from_pretrained(str(tmp_path / "nope"))
+
+
+def test_missing_tensor(hf_dir, tmp_path):
+    bad = _corrupt(hf_dir, tmp_path, lambda sd: sd.pop("blocks.1.ffn.net.2.weight"))
+    with pytest.raises(ValueError, match="blocks.1.mlp.linear_fc2.weight"):
+        from_pretrained(str(bad))
+
+
+def test_missing_fused_part(hf_dir, tmp_path):
+    bad = _corrupt(hf_dir, tmp_path, lambda sd: sd.pop("blocks.0.attn1.to_k.bias"))
+    with pytest.raises(ValueError, match="blocks.0.attn1.to_k.bias"):
+        from_pretrained(str(bad))
+
+
+def test_extra_tensor(hf_dir, tmp_path):
+    bad = _corrupt(hf_dir, tmp_path, lambda sd: sd.update({"blocks.0.surprise": torch.zeros(3)}))
+    with pytest.raises(ValueError, match="blocks.0.surprise"):
+        from_pretrained(str(bad))
+
+
+def test_shape_mismatch(hf_dir, tmp_path):
+    def edit(sd):
+        sd["proj_out.weight"] = sd["proj_out.weight"][:, :-1].contiguous()
+    bad = _corrupt(hf_dir, tmp_path, edit)
+    with pytest.raises(ValueError, match="shape mismatch for 'head.weight'"):
+        from_pretrained(str(bad))
+
+
+def test_failed_conversion_leaves_no_output(hf_dir, tmp_path):
+    bad = _corrupt(hf_dir, tmp_path, lambda sd: sd.pop("patch_embedding.bias"))
+    r = convert("hf-to-mcore", "--model", "wan", "--input", str(bad), "--output", str(tmp_path / "out"))
+    assert r.returncode == 2 and "patch_embedding.bias" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["bad"]
+
+
+def test_converter_round_trip_cli(hf_dir, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    r = convert("hf-to-mcore", "--model", "wan", "--input", str(hf_dir), "--output", str(tmp_path / "mc"))
+    assert r.returncode == 0, r.stderr
+    r = convert("mcore-to-hf", "--model", "wan", "--input", str(tmp_path / "mc"), "--output", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    a = WanTransformer3DModel.from_pretrained(hf_dir).state_dict()
+    b = WanTransformer3DModel.from_pretrained(tmp_path / "hf").state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    r = convert("hf-to-mcore", "--model", "wan", "--input", str(hf_dir), "--output", str(tmp_path / "mc"))
+    assert r.returncode == 2 and "exists" in r.stderr

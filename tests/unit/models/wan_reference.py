@@ -1,0 +1,34 @@
+"""Shared helpers for Wan tests: a seeded diffusers reference model and its megatron-rcm twin."""
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from megatron_rcm.checkpoint import wan as wan_keys
+from megatron_rcm.models.wan import PRESETS
+
+
+def diffusers_wan(preset: str = "wan-tiny", seed: int = 0, dtype=torch.float32) -> WanTransformer3DModel:
+    """A diffusers Wan model with every parameter randomised (default init leaves norms at 1 and biases small)."""
+    cfg = PRESETS[preset]
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**{k: v for k, v in cfg.to_diffusers().items() if k != "_class_name"})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def megatron_state_dict(model: WanTransformer3DModel) -> dict:
+    return wan_keys.hf_to_mcore(model.state_dict(), model.config.num_attention_heads)
+
+
+def inputs(batch=2, frames=3, height=6, width=8, seed=1, dtype=torch.float32, text_len=5, channels=4, text_dim=16):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, channels, frames, height, width, generator=g, dtype=dtype)
+    timestep = torch.rand(batch, generator=g, dtype=dtype) * 1000
+    text = torch.randn(batch, text_len, text_dim, generator=g, dtype=dtype)
+    return latents, timestep, text
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()

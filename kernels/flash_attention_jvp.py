@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["JVPKernelConfig", "flash_attention_jvp", "default_config"]
+__all__ = ["JVPKernelConfig", "flash_attention_jvp", "default_config", "parse_config"]
 
 @dataclass(frozen=True)
 class JVPKernelConfig:
@@ -58,28 +59,48 @@ class JVPKernelConfig:
     num_stages: int = 2
     """Software-pipelining depth of the key/value loads."""
 
+    skip_rescale: bool = True
+    """Skip rescaling the accumulators in blocks where no row's reference max moved."""
 
-def default_config(head_dim: int, seq_q: int, seq_k: int, batch_heads: int) -> JVPKernelConfig:
+    rescale_slack: float = 8.0
+    """Let the reference max lag the true row max by up to this many powers of two, so that it rarely
+    moves (not for fp16: its range is too narrow for unnormalised probabilities up to 2^slack times the
+    score tangent, so fp16 always tracks the exact max)."""
+
+
+def default_config(
+    head_dim: int, seq_q: int, seq_k: int, batch_heads: int, has_kv_tangent: bool = True
+) -> JVPKernelConfig:
     """The block configuration used when none is given.
 
-    A rule instead of an autotuner: autotuning every (Sq, Sk) pair a DiT meets costs a minute per
-    shape. The defaults were chosen by timing a handful of configurations on an H100 (see
-    benchmarks/RESULTS.md); for problems too small to fill the GPU with 128-row programs, 64-row
-    programs double the parallelism.
+    A rule instead of an autotuner: autotuning every (Sq, Sk) pair a DiT meets would cost a minute per
+    shape. Picked by compiling for sm_90 (registers, spills, shared memory) and timing a handful of
+    configurations on an H100 (benchmarks/RESULTS.md). ``RCM_JVP_KERNEL_CONFIG`` overrides it (see
+    :func:`parse_config`).
     """
-    block_d = triton.next_power_of_2(head_dim)
-    if block_d <= 64:
-        cfg = JVPKernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    else:
-        cfg = JVPKernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
-    if block_d > 128:
-        cfg = JVPKernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    if triton.cdiv(seq_q, cfg.block_m) * batch_heads < 132 and cfg.block_m > 64:
-        cfg = JVPKernelConfig(block_m=64, block_n=cfg.block_n, num_warps=4, num_stages=cfg.num_stages)
     override = os.environ.get("RCM_JVP_KERNEL_CONFIG")
-    if override:  # "block_m,block_n,num_warps,num_stages", for tuning sweeps
-        cfg = JVPKernelConfig(*(int(x) for x in override.split(",")))
-    return cfg
+    if override:
+        return parse_config(override)
+    block_d = triton.next_power_of_2(head_dim)
+    if block_d > 128:
+        # Correct, not tuned: the two [64, 256] fp32 accumulators alone fill the register file.
+        return JVPKernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    if triton.cdiv(seq_q, 128) * batch_heads < 132:
+        # Too few 128-row programs to fill an H100's 132 SMs: halve the rows per program.
+        return JVPKernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=3)
+    if block_d <= 64 or not has_kv_tangent:
+        # Two or four [64, D] bf16 tiles per stage: three stages fit in shared memory.
+        return JVPKernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    return JVPKernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+
+
+def parse_config(text: str) -> JVPKernelConfig:
+    """``"block_m,block_n,num_warps,num_stages[,skip_rescale[,rescale_slack]]"``."""
+    fields = text.split(",")
+    ints = [int(x) for x in fields[:4]]
+    skip = bool(int(fields[4])) if len(fields) > 4 else True
+    slack = float(fields[5]) if len(fields) > 5 else 8.0
+    return JVPKernelConfig(*ints, skip_rescale=skip, rescale_slack=slack)
 
 
 @triton.jit
@@ -92,6 +113,7 @@ def _jvp_tile(
     qk_scale, sm_scale,
     HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
+    SKIP_RESCALE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
 ):
     # One key/value block of the online softmax with tangents. MASK_N only for the ragged last block,
     # so that full blocks pay for no masks.
@@ -118,15 +140,27 @@ def _jvp_tile(
         s = tl.where(valid_n[None, :], s, float("-inf"))
 
     # m_i is kept in log2 units of the scaled scores: p = 2^(s * scale * log2e - m).
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    m_tile = tl.max(s, 1) * qk_scale
+    if RESCALE_SLACK > 0:
+        # Move the reference max only when it grows by more than RESCALE_SLACK (log2 units): p may then
+        # reach 2^RESCALE_SLACK, harmless in fp32 accumulators and bf16 operands, and after the first
+        # few blocks no row moves, so the rescale of the two accumulator tiles is skipped.
+        m_new = tl.where(m_tile > m_i + RESCALE_SLACK, m_tile, m_i)
+    else:
+        m_new = tl.maximum(m_i, m_tile)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     # Masked columns have p = 0 and finite ds (their keys were loaded as zeros), so h = 0 there.
     h = p * (ds * sm_scale)
     r_i = r_i * alpha + tl.sum(h, 1)
-    acc_o = acc_o * alpha[:, None]
-    acc_t = acc_t * alpha[:, None]
+    if SKIP_RESCALE:
+        if tl.min(alpha, 0) < 1.0:
+            acc_o = acc_o * alpha[:, None]
+            acc_t = acc_t * alpha[:, None]
+    else:
+        acc_o = acc_o * alpha[:, None]
+        acc_t = acc_t * alpha[:, None]
 
     if MASK_N:
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
@@ -168,6 +202,7 @@ def _jvp_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     EVEN_N: tl.constexpr,
+    SKIP_RESCALE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -209,7 +244,7 @@ def _jvp_fwd_kernel(
             acc_o, acc_t, m_i, l_i, r_i, q, tq,
             k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
             start_n, seq_k, offs_n, mask_d, qk_scale, sm_scale,
-            HAS_TK, HAS_TV, False, EVEN_D,
+            HAS_TK, HAS_TV, False, EVEN_D, SKIP_RESCALE, RESCALE_SLACK,
         )
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -222,7 +257,7 @@ def _jvp_fwd_kernel(
             acc_o, acc_t, m_i, l_i, r_i, q, tq,
             k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
             n_full, seq_k, offs_n, mask_d, qk_scale, sm_scale,
-            HAS_TK, HAS_TV, True, EVEN_D,
+            HAS_TK, HAS_TV, True, EVEN_D, SKIP_RESCALE, RESCALE_SLACK,
         )
 
     inv_l = 1.0 / l_i
@@ -313,7 +348,7 @@ def flash_attention_jvp(
     if B * H * Sq == 0:
         return o, to, lse, mu
 
-    cfg = config or default_config(D, Sq, Sk, B * H)
+    cfg = config or default_config(D, Sq, Sk, B * H, tk is not None or tv is not None)
     has_tk, has_tv = tk is not None, tv is not None
     # Pointers of absent tangents are never dereferenced (HAS_TK / HAS_TV are compile-time), pass the primal.
     tk_ = tk if has_tk else k
@@ -331,6 +366,8 @@ def flash_attention_jvp(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_TK=has_tk, HAS_TV=has_tv,
         EVEN_N=(Sk % cfg.block_n == 0),
+        SKIP_RESCALE=cfg.skip_rescale,
+        RESCALE_SLACK=float(cfg.rescale_slack) if q.dtype != torch.float16 else 0.0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, to, lse, mu

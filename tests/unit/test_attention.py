@@ -174,3 +174,54 @@ def test_attention_jvp_cpu_dispatch_and_dtypes():
     assert [x.dtype for x in half] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
     for g, w in zip(half, want):
         assert _rel(g, w) < 3e-2
+
+
+_INTERPRETER_CHECK = r"""
+import torch
+from rcm_kernels import flash_attention_jvp, parse_config
+from megatron_rcm.models.attention import math_attention_jvp
+
+torch.manual_seed(0)
+worst = {torch.float32: 0.0, torch.float16: 0.0}
+cases = [
+    # b, h, sq, sk, d, kv tangent, scale, config (block_m, block_n, warps, stages, skip_rescale, slack)
+    (1, 2, 37, 53, 32, True, 0.3, "16,16,4,1,1,8"),
+    (2, 1, 40, 32, 24, False, 0.2, "32,16,4,1,1,8"),
+    (1, 1, 20, 70, 16, True, 1.5, "16,32,4,1,0,0"),
+    (1, 1, 5, 129, 16, True, 0.8, "16,16,4,1,1,0"),
+]
+for dtype in worst:
+    for b, h, sq, sk, d, kv, scale, cfg in cases:
+        mk = lambda s: torch.randn(s, b, h, d).to(dtype).permute(1, 2, 0, 3)
+        q, tq, k, v, tk, tv = mk(sq), mk(sq), mk(sk), mk(sk), mk(sk), mk(sk)
+        k[:, :, sk // 2:] *= 2  # the running max moves mid-sequence
+        if not kv:
+            tk = tv = None
+        nan = float("nan")
+        out = (torch.full((b, h, sq, d), nan, dtype=dtype), torch.full((b, h, sq, d), nan, dtype=dtype),
+               torch.full((b, h, sq), nan), torch.full((b, h, sq), nan))
+        got = flash_attention_jvp(q, k, v, tq, tk, tv, scale=scale, out=out, config=parse_config(cfg))
+        up = lambda x: None if x is None else x.double()
+        ref = math_attention_jvp(up(q), up(k), up(v), up(tq), up(tk), up(tv), scale=scale)
+        for g, r in zip(got, ref):
+            assert torch.isfinite(g).all()
+            worst[dtype] = max(worst[dtype], ((g.double() - r).norm() / r.norm()).item())
+print("WORST", worst[torch.float32], worst[torch.float16])
+"""
+
+
+def test_triton_kernel_in_interpreter_mode():
+    """The Triton kernel's logic on CPU (Triton's interpreter; fp32 and fp16 — it mishandles bf16)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = [x for x in run.stdout.splitlines() if x.startswith("WORST")][-1]
+    worst_fp32, worst_fp16 = (float(x) for x in line.split()[1:])
+    assert worst_fp32 < 5e-6, worst_fp32
+    assert worst_fp16 < 3e-3, worst_fp16

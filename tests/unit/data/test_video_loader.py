@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("nvidia.dali")
 
-from megatron_rcm.data import video_loader  # noqa: E402
+from megatron_rcm.data import NoUsableVideos, video_loader  # noqa: E402
 from megatron_rcm.data.testing import corrupt_payload, decode_video, smooth_frames, write_video  # noqa: E402
 
 NUM_VIDEOS, NUM_FRAMES, H, W = 6, 12, 24, 32
@@ -158,4 +158,18 @@ def test_missing_caption_is_a_clear_error(clips, tmp_path):
         video_loader(manifest, frames=2, stride=1, height=8, width=8, batch_size=1, device="cpu")
     manifest.write_text(json.dumps({"path": str(root / "v0.webm"), "caption_path": "gone.txt"}) + "\n")
     with pytest.raises(FileNotFoundError, match="caption file not found"):
+        video_loader(manifest, frames=2, stride=1, height=8, width=8, batch_size=1, device="cpu")
+
+
+def test_cpu_skips_h264_with_the_reason(clips, tmp_path):
+    root, _ = clips
+    write_video(str(tmp_path / "clip.mp4"), smooth_frames(12, H, W), codec="libx264", pix_fmt="yuv420p")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "clip.mp4", "caption": "h264"}) + "\n"
+                        + json.dumps({"path": str(root / "v0.webm"), "caption": "vp9"}) + "\n")
+    loader = video_loader(manifest, frames=2, stride=1, height=8, width=8, batch_size=1, device="cpu")
+    assert loader.num_skipped == 1 and "codec 'h264' not decodable here" in loader.skipped[0][1]
+    assert next(loader)["caption"] == ["vp9"]
+    manifest.write_text(json.dumps({"path": "clip.mp4", "caption": "h264"}) + "\n")
+    with pytest.raises(NoUsableVideos, match="no usable videos for dp rank 0"):
         video_loader(manifest, frames=2, stride=1, height=8, width=8, batch_size=1, device="cpu")

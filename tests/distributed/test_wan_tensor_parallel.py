@@ -58,3 +58,32 @@ def test_tensor_and_sequence_parallel_match_single_process(tmp_path):
     full = megatron_state_dict(diffusers_wan("wan-tiny-tp"))
     for name, p in net.named_parameters():
         assert torch.equal(p, full[name]), name
+
+
+def _check_tp_jvp():
+    from wan_float64_reference import float64_diffusers, reference_jvp
+
+    from megatron_rcm.checkpoint.sharding import load_full_state_dict
+    from megatron_rcm.models.wan import PRESETS, WanModel
+    from megatron_rcm.parallel import initialize_parallel
+
+    initialize_parallel(tensor_model_parallel_size=2)
+    with float64_diffusers():
+        ref = diffusers_wan("wan-tiny-tp", dtype=torch.float64)
+        ref.rope.__init__(ref.config.attention_head_dim, ref.config.patch_size, ref.config.rope_max_seq_len)
+    x, t, text = inputs(2, 3, 6, 8, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    tx = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    tt = 100 * torch.randn(t.shape, generator=g, dtype=torch.float64)
+    with float64_diffusers():
+        expected, expected_tangent = reference_jvp(ref, x, t, text, tx, tt)
+    for sp in (False, True):
+        model = WanModel(PRESETS["wan-tiny-tp"], params_dtype=torch.float64, sequence_parallel=sp)
+        load_full_state_dict(model, megatron_state_dict(ref))
+        out, tangent = model.jvp(x, t, text, tx, tt)
+        assert relative_error(out, expected) <= 1e-6, f"sp={sp}"
+        assert relative_error(tangent, expected_tangent) <= 1e-6, f"sp={sp}"
+
+
+def test_jvp_under_tensor_and_sequence_parallel():
+    run_on_ranks(_check_tp_jvp, 2)

@@ -64,8 +64,12 @@ class JVPKernelConfig:
 
     rescale_slack: float = 8.0
     """Let the reference max lag the true row max by up to this many powers of two, so that it rarely
-    moves (not for fp16: its range is too narrow for unnormalised probabilities up to 2^slack times the
-    score tangent, so fp16 always tracks the exact max)."""
+    moves (not for fp16 operands: their range is too narrow for unnormalised probabilities up to 2^slack
+    times the score tangent, so fp16 always tracks the exact max)."""
+
+    fp16_pv: bool = False
+    """For bf16 inputs, run the three GEMMs after the softmax (P v, P tv, (P*dS) v) on fp16 operands: the
+    probabilities keep 3 more mantissa bits (values convert exactly while inside fp16's range)."""
 
 
 def default_config(
@@ -95,12 +99,13 @@ def default_config(
 
 
 def parse_config(text: str) -> JVPKernelConfig:
-    """``"block_m,block_n,num_warps,num_stages[,skip_rescale[,rescale_slack]]"``."""
+    """``"block_m,block_n,num_warps,num_stages[,skip_rescale[,rescale_slack[,fp16_pv]]]"``."""
     fields = text.split(",")
     ints = [int(x) for x in fields[:4]]
     skip = bool(int(fields[4])) if len(fields) > 4 else True
     slack = float(fields[5]) if len(fields) > 5 else 8.0
-    return JVPKernelConfig(*ints, skip_rescale=skip, rescale_slack=slack)
+    fp16_pv = bool(int(fields[6])) if len(fields) > 6 else False
+    return JVPKernelConfig(*ints, skip_rescale=skip, rescale_slack=slack, fp16_pv=fp16_pv)
 
 
 @triton.jit
@@ -113,7 +118,7 @@ def _jvp_tile(
     qk_scale, sm_scale,
     HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
-    SKIP_RESCALE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
+    SKIP_RESCALE: tl.constexpr, RESCALE_SLACK: tl.constexpr, PV_FP16: tl.constexpr,
 ):
     # One key/value block of the online softmax with tangents. MASK_N only for the ragged last block,
     # so that full blocks pay for no masks.
@@ -168,6 +173,10 @@ def _jvp_tile(
         v = tl.load(v_ptrs)
     else:
         v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+    if PV_FP16:
+        # bf16 -> fp16 is exact for values in fp16's normal range, and fp16 operands carry three more
+        # mantissa bits of the probabilities than bf16.
+        v = v.to(tl.float16)
     p_lo = p.to(v.dtype)
     acc_o = tl.dot(p_lo, v, acc_o)
     acc_t = tl.dot(h.to(v.dtype), v, acc_t)
@@ -178,6 +187,8 @@ def _jvp_tile(
             tv = tl.load(tv_ptrs)
         else:
             tv = tl.load(tv_ptrs, mask=mask_d[None, :], other=0.0)
+        if PV_FP16:
+            tv = tv.to(tl.float16)
         acc_t = tl.dot(p_lo, tv, acc_t)
     return acc_o, acc_t, m_new, l_i, r_i
 
@@ -202,7 +213,7 @@ def _jvp_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     EVEN_N: tl.constexpr,
-    SKIP_RESCALE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
+    SKIP_RESCALE: tl.constexpr, RESCALE_SLACK: tl.constexpr, PV_FP16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -244,7 +255,7 @@ def _jvp_fwd_kernel(
             acc_o, acc_t, m_i, l_i, r_i, q, tq,
             k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
             start_n, seq_k, offs_n, mask_d, qk_scale, sm_scale,
-            HAS_TK, HAS_TV, False, EVEN_D, SKIP_RESCALE, RESCALE_SLACK,
+            HAS_TK, HAS_TV, False, EVEN_D, SKIP_RESCALE, RESCALE_SLACK, PV_FP16,
         )
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -257,7 +268,7 @@ def _jvp_fwd_kernel(
             acc_o, acc_t, m_i, l_i, r_i, q, tq,
             k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
             n_full, seq_k, offs_n, mask_d, qk_scale, sm_scale,
-            HAS_TK, HAS_TV, True, EVEN_D, SKIP_RESCALE, RESCALE_SLACK,
+            HAS_TK, HAS_TV, True, EVEN_D, SKIP_RESCALE, RESCALE_SLACK, PV_FP16,
         )
 
     inv_l = 1.0 / l_i
@@ -350,6 +361,7 @@ def flash_attention_jvp(
 
     cfg = config or default_config(D, Sq, Sk, B * H, tk is not None or tv is not None)
     has_tk, has_tv = tk is not None, tv is not None
+    fp16_pv = cfg.fp16_pv and q.dtype == torch.bfloat16
     # Pointers of absent tangents are never dereferenced (HAS_TK / HAS_TV are compile-time), pass the primal.
     tk_ = tk if has_tk else k
     tv_ = tv if has_tv else v
@@ -367,7 +379,8 @@ def flash_attention_jvp(
         HAS_TK=has_tk, HAS_TV=has_tv,
         EVEN_N=(Sk % cfg.block_n == 0),
         SKIP_RESCALE=cfg.skip_rescale,
-        RESCALE_SLACK=float(cfg.rescale_slack) if q.dtype != torch.float16 else 0.0,
+        RESCALE_SLACK=float(cfg.rescale_slack) if q.dtype != torch.float16 and not fp16_pv else 0.0,
+        PV_FP16=fp16_pv,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, to, lse, mu

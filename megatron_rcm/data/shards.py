@@ -70,7 +70,9 @@ class ShardMeta:
     @classmethod
     def from_json(cls, d: dict) -> "ShardMeta":
         if d.get("format") != FORMAT or d.get("version") != VERSION:
-            raise ValueError(f"not a {FORMAT} v{VERSION} meta.json: format={d.get('format')} version={d.get('version')}")
+            raise ValueError(
+                f"not a {FORMAT} v{VERSION} meta.json: format={d.get('format')} version={d.get('version')}"
+            )
         return cls(**{k: v for k, v in d.items() if k not in ("format", "version")})
 
 

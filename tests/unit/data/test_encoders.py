@@ -60,6 +60,7 @@ def test_text_embeddings_padded_like_wan(tiny_wan):
 
 
 def test_cache_is_bounded(tiny_wan):
-    enc = UMT5TextEncoder.from_pretrained(tiny_wan, dtype=torch.float32, config=TextEncoderConfig(max_length=16, cache_size=2))
+    config = TextEncoderConfig(max_length=16, cache_size=2)
+    enc = UMT5TextEncoder.from_pretrained(tiny_wan, dtype=torch.float32, config=config)
     enc(TINY_SENTENCES[:3])
     assert enc.cache_info()["entries"] == 2

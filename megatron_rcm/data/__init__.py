@@ -4,10 +4,14 @@ DALI is an optional dependency (extra ``dali``); it is imported only when a vide
 """
 
 from .manifest import ManifestEntry, read_manifest, write_manifest
+from .sources import DataConfig, EncodedVideoLoader, build_data_loader
 from .shards import LatentLoader, ShardMeta, latent_loader, read_meta, write_meta, write_shard
 from .video import RESOLUTION_BUCKETS, NoUsableVideos, VideoLoader, VideoLoaderConfig, video_loader
 
 __all__ = [
+    "DataConfig",
+    "EncodedVideoLoader",
+    "build_data_loader",
     "LatentLoader",
     "ManifestEntry",
     "NoUsableVideos",

@@ -14,10 +14,13 @@ from megatron_rcm.models.loading import (
     save_diffusers,
     save_megatron,
 )
+from megatron_rcm.models.cosmos import PRESETS as COSMOS_PRESETS
+from megatron_rcm.models.cosmos import CosmosConfig, CosmosModel
 from megatron_rcm.models.wan import PRESETS as WAN_PRESETS
 from megatron_rcm.models.wan import WanConfig, WanModel
 
 PRESETS = {name: ("wan", config) for name, config in WAN_PRESETS.items()}
+PRESETS.update({name: ("cosmos", config) for name, config in COSMOS_PRESETS.items()})
 """name -> (architecture name, config)."""
 
 
@@ -28,5 +31,5 @@ def get_preset(name: str):
     return PRESETS[name]
 
 
-__all__ = ["ARCHITECTURES", "PRESETS", "WanConfig", "WanModel", "build_model", "from_pretrained", "get_preset",
-           "inspect_checkpoint", "save_diffusers", "save_megatron"]
+__all__ = ["ARCHITECTURES", "PRESETS", "CosmosConfig", "CosmosModel", "WanConfig", "WanModel", "build_model",
+           "from_pretrained", "get_preset", "inspect_checkpoint", "save_diffusers", "save_megatron"]

@@ -9,8 +9,10 @@ from typing import Callable
 import torch
 
 from megatron_rcm.checkpoint import hf, io
+from megatron_rcm.checkpoint import cosmos as cosmos_keys
 from megatron_rcm.checkpoint import wan as wan_keys
 from megatron_rcm.checkpoint.sharding import full_state_dict, load_full_state_dict
+from megatron_rcm.models.cosmos import CosmosConfig, CosmosModel
 from megatron_rcm.models.wan import WanConfig, WanModel
 from megatron_rcm.parallel import state
 
@@ -42,6 +44,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         hf_to_mcore=lambda sd, c: wan_keys.hf_to_mcore(sd, c.num_attention_heads),
         mcore_to_hf=lambda sd, c: wan_keys.mcore_to_hf(sd, c.num_attention_heads),
         original_to_hf=wan_keys.original_to_hf, config_from_original=_wan_config_from_original),
+    "cosmos": Architecture(
+        name="cosmos", config_cls=CosmosConfig, model_cls=CosmosModel, hf_class_name="CosmosTransformer3DModel",
+        hf_to_mcore=lambda sd, c: cosmos_keys.hf_to_mcore(sd, c.num_attention_heads),
+        mcore_to_hf=lambda sd, c: cosmos_keys.mcore_to_hf(sd, c.num_attention_heads),
+        original_to_hf=cosmos_keys.original_to_hf),
 }
 
 

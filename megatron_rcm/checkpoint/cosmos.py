@@ -1,0 +1,174 @@
+"""Cosmos-Predict2 state-dict key maps: diffusers <-> megatron-rcm, and the original NVIDIA release <-> diffusers.
+
+As for Wan, our model fuses the self-attention q/k/v projections into one weight ordered (head, {q,k,v}, channel)
+and the cross-attention k/v into one ordered (head, {k,v}, channel); everything else is a rename. Cosmos has no
+biases, so only `.weight` tensors exist.
+
+The original release (the `model.pt` of nvidia/Cosmos-Predict2-*; module names of NVIDIA's cosmos-predict2 `MiniTrainDIT`)
+prefixes every key with `net.`; its training counters and RoPE buffers are not weights and are dropped on import.
+"""
+
+import re
+
+import torch
+
+from megatron_rcm.checkpoint.wan import _deinterleave, _interleave
+
+# per-block renames, ours -> diffusers (the fused projections are handled separately)
+_BLOCK_RENAMES = {
+    "adaln_self_attention.linear_1.weight": "norm1.linear_1.weight",
+    "adaln_self_attention.linear_2.weight": "norm1.linear_2.weight",
+    "adaln_cross_attention.linear_1.weight": "norm2.linear_1.weight",
+    "adaln_cross_attention.linear_2.weight": "norm2.linear_2.weight",
+    "adaln_mlp.linear_1.weight": "norm3.linear_1.weight",
+    "adaln_mlp.linear_2.weight": "norm3.linear_2.weight",
+    "self_attention.q_norm": "attn1.norm_q.weight",
+    "self_attention.k_norm": "attn1.norm_k.weight",
+    "self_attention.linear_proj.weight": "attn1.to_out.0.weight",
+    "cross_attention.linear_q.weight": "attn2.to_q.weight",
+    "cross_attention.q_norm": "attn2.norm_q.weight",
+    "cross_attention.k_norm": "attn2.norm_k.weight",
+    "cross_attention.linear_proj.weight": "attn2.to_out.0.weight",
+    "mlp.linear_fc1.weight": "ff.net.0.proj.weight",
+    "mlp.linear_fc2.weight": "ff.net.2.weight",
+}
+# fused ours -> (diffusers parts in order)
+_BLOCK_FUSED = {
+    "self_attention.linear_qkv.weight": ("attn1.to_q.weight", "attn1.to_k.weight", "attn1.to_v.weight"),
+    "cross_attention.linear_kv.weight": ("attn2.to_k.weight", "attn2.to_v.weight"),
+}
+_TOP_RENAMES = {
+    "patch_embedding.weight": "patch_embed.proj.weight",
+    "extra_pos_embedding.pos_emb_t": "learnable_pos_embed.pos_emb_t",
+    "extra_pos_embedding.pos_emb_h": "learnable_pos_embed.pos_emb_h",
+    "extra_pos_embedding.pos_emb_w": "learnable_pos_embed.pos_emb_w",
+    "time_embedding.linear_1.weight": "time_embed.t_embedder.linear_1.weight",
+    "time_embedding.linear_2.weight": "time_embed.t_embedder.linear_2.weight",
+    "time_embedding.norm": "time_embed.norm.weight",
+    "head_adaln.linear_1.weight": "norm_out.linear_1.weight",
+    "head_adaln.linear_2.weight": "norm_out.linear_2.weight",
+    "head.weight": "proj_out.weight",
+}
+
+# original Cosmos-Predict2 release -> diffusers, after the `net.` prefix
+_ORIGINAL_TOP = {
+    "x_embedder.proj.1.weight": "patch_embed.proj.weight",
+    "t_embedder.1.linear_1.weight": "time_embed.t_embedder.linear_1.weight",
+    "t_embedder.1.linear_2.weight": "time_embed.t_embedder.linear_2.weight",
+    "t_embedding_norm.weight": "time_embed.norm.weight",
+    "final_layer.adaln_modulation.1.weight": "norm_out.linear_1.weight",
+    "final_layer.adaln_modulation.2.weight": "norm_out.linear_2.weight",
+    "final_layer.linear.weight": "proj_out.weight",
+}
+_ORIGINAL_BLOCK = {
+    "adaln_modulation_self_attn.1.weight": "norm1.linear_1.weight",
+    "adaln_modulation_self_attn.2.weight": "norm1.linear_2.weight",
+    "adaln_modulation_cross_attn.1.weight": "norm2.linear_1.weight",
+    "adaln_modulation_cross_attn.2.weight": "norm2.linear_2.weight",
+    "adaln_modulation_mlp.1.weight": "norm3.linear_1.weight",
+    "adaln_modulation_mlp.2.weight": "norm3.linear_2.weight",
+    "mlp.layer1.weight": "ff.net.0.proj.weight",
+    "mlp.layer2.weight": "ff.net.2.weight",
+}
+for _orig, _hf in (("self_attn", "attn1"), ("cross_attn", "attn2")):
+    _ORIGINAL_BLOCK.update({
+        f"{_orig}.q_proj.weight": f"{_hf}.to_q.weight", f"{_orig}.k_proj.weight": f"{_hf}.to_k.weight",
+        f"{_orig}.v_proj.weight": f"{_hf}.to_v.weight", f"{_orig}.output_proj.weight": f"{_hf}.to_out.0.weight",
+        f"{_orig}.q_norm.weight": f"{_hf}.norm_q.weight", f"{_orig}.k_norm.weight": f"{_hf}.norm_k.weight",
+    })
+# buffers and training counters of the original release that are not model weights
+_ORIGINAL_DROPPED = re.compile(r"(^accum_|^pos_embedder\.|_extra_state$|^logvar\.)")
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_HF_BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
+
+
+def mcore_to_hf(sd: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
+    """Full (unsharded) megatron-rcm Cosmos state dict -> diffusers CosmosTransformer3DModel state dict."""
+    out = {}
+    for key, value in sd.items():
+        m = _BLOCK_KEY.match(key)
+        if m is None:
+            if key not in _TOP_RENAMES:
+                raise KeyError(f"unexpected tensor {key!r} in a Cosmos checkpoint")
+            out[_TOP_RENAMES[key]] = value
+            continue
+        i, rest = m.groups()
+        if rest in _BLOCK_FUSED:
+            parts = _BLOCK_FUSED[rest]
+            for name, part in zip(parts, _deinterleave(value, len(parts), num_heads)):
+                out[f"transformer_blocks.{i}.{name}"] = part
+        elif rest in _BLOCK_RENAMES:
+            out[f"transformer_blocks.{i}.{_BLOCK_RENAMES[rest]}"] = value
+        else:
+            raise KeyError(f"unexpected tensor {key!r} in a Cosmos checkpoint")
+    return out
+
+
+def hf_to_mcore(sd: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
+    """diffusers CosmosTransformer3DModel state dict -> full megatron-rcm state dict."""
+    sd = dict(sd)
+    out = {}
+    inv_top = {v: k for k, v in _TOP_RENAMES.items()}
+    inv_block = {v: k for k, v in _BLOCK_RENAMES.items()}
+    blocks = sorted({int(m.group(1)) for k in sd if (m := _HF_BLOCK_KEY.match(k))})
+    for i in blocks:
+        for ours, parts in _BLOCK_FUSED.items():
+            names = [f"transformer_blocks.{i}.{p}" for p in parts]
+            missing = [n for n in names if n not in sd]
+            if missing:
+                raise KeyError(f"missing tensor(s) {missing} in the diffusers Cosmos checkpoint")
+            out[f"blocks.{i}.{ours}"] = _interleave([sd.pop(n) for n in names], num_heads)
+    for key, value in sd.items():
+        m = _HF_BLOCK_KEY.match(key)
+        if m is None:
+            if key not in inv_top:
+                raise KeyError(f"unexpected tensor {key!r} in the diffusers Cosmos checkpoint")
+            out[inv_top[key]] = value
+        else:
+            i, rest = m.groups()
+            if rest not in inv_block:
+                raise KeyError(f"unexpected tensor {key!r} in the diffusers Cosmos checkpoint")
+            out[f"blocks.{i}.{inv_block[rest]}"] = value
+    return out
+
+
+def original_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original Cosmos-Predict2 release state dict (`net.`-prefixed) -> diffusers names; non-weights dropped."""
+    out = {}
+    for key, value in sd.items():
+        key = key.removeprefix("net.")
+        if _ORIGINAL_DROPPED.search(key):
+            continue
+        m = _BLOCK_KEY.match(key)
+        if m is None:
+            name = _ORIGINAL_TOP.get(key)
+        else:
+            rest = _ORIGINAL_BLOCK.get(m.group(2))
+            name = None if rest is None else f"transformer_blocks.{m.group(1)}.{rest}"
+        if name is None:
+            raise KeyError(f"unexpected tensor {key!r} in the original Cosmos-Predict2 checkpoint")
+        out[name] = value
+    return out
+
+
+def hf_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers names -> original Cosmos-Predict2 release names (weights only, `net.`-prefixed)."""
+    inv_top = {v: k for k, v in _ORIGINAL_TOP.items()}
+    inv_block = {v: k for k, v in _ORIGINAL_BLOCK.items()}
+    out = {}
+    for key, value in sd.items():
+        m = _HF_BLOCK_KEY.match(key)
+        if m is None:
+            name = inv_top.get(key)
+        else:
+            rest = inv_block.get(m.group(2))
+            name = None if rest is None else f"blocks.{m.group(1)}.{rest}"
+        if name is None:
+            raise KeyError(f"{key!r} has no name in the original Cosmos-Predict2 format")
+        out["net." + name] = value
+    return out
+
+
+def looks_original(keys) -> bool:
+    return any(k.startswith("net.x_embedder.") or ".self_attn.q_proj." in k for k in keys)

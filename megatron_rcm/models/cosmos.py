@@ -1,0 +1,612 @@
+"""Cosmos-Predict2 DiT (diffusers' `CosmosTransformer3DModel`) on megatron-core tensor-parallel layers.
+
+The blocks are the shared ones (blocks.py); what differs from Wan (wan.py) lives here:
+
+- **Time conditioning.** The sinusoid has the model width. It feeds (a) `t_embedder` (Linear -> SiLU -> Linear to
+  3 x width, no biases) whose output `temb` is added to *every* modulation, and (b) an affine RMSNorm whose output
+  is the "embedded timestep". Each modulation is a low-rank (adaLN-LoRA) map of SiLU(embedded timestep):
+  Linear(width -> adaln_lora_dim) -> Linear(-> 3 x width), plus `temb`. Every block has three of them (self-attention,
+  cross-attention, MLP); all three residual branches are gated. The head has a 2-way one (shift, scale).
+- **No biases** in any projection (patch embedding, attention, MLP, head); the shared blocks build biases, so
+  Cosmos drops them.
+- **q/k RMSNorm per head** (eps 1e-5) in self- and cross-attention; cross-attention keys/values come straight from
+  the T5 states (no text projection, no norm before cross-attention).
+- **MLP with exact (erf) GELU**, not the tanh approximation.
+- **RoPE rotates halves** (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with per-axis NTK scaling of the base
+  (theta_axis = 10000 * rope_scale_axis ** (d_axis / (d_axis - 2))) and, for videos, frame positions rescaled by
+  base_fps / fps.
+- **Patch embedding** is a Linear over (channels, pt, ph, pw) patches; the padding-mask channel (and for
+  Video2World the condition-mask channel) is concatenated to the latents first. The head's output channels are
+  ordered (ph, pw, pt, c) (diffusers' layout, not the inverse of the patchify).
+- Optional **learnable extra position embedding** (Cosmos 1.0; `extra_pos_embed_type='learnable'`), RMS-normalised
+  and added at the start of every block. The Cosmos-Predict2 checkpoints do not use it.
+
+Units and inputs (from diffusers' Cosmos2 text-to-image / video-to-world pipelines): the network is a
+rectified-flow velocity model called at `timestep = s` with s = sigma / (1 + sigma) in [0, 1] (not 1000 s as Wan)
+on `x_s = (1 - s) x0 + s eps`; the pipelines' EDM preconditioning (c_in = c_skip = 1 - s, c_out = -s) reduces to
+exactly that. Both pipelines feed an all-zero padding mask, which is this model's default. Video2World also feeds
+a condition-mask channel (1 on the conditioning latent frames), a per-frame timestep (the conditioning frames at
+s = 1e-4 / (1 + 1e-4)) and fps (16).
+"""
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+
+from megatron_rcm.models import tangent as T
+from megatron_rcm.models.attention import attention, attention_jvp
+from megatron_rcm.models.blocks import parallel_config, replicate_for_sequence_parallel, sinusoidal_embedding
+from megatron_rcm.models.rope import axis_dims
+from megatron_rcm.parallel import state
+
+
+@dataclasses.dataclass
+class CosmosConfig:
+    """Architecture of a Cosmos-Predict2 DiT (names follow diffusers' `CosmosTransformer3DModel` config)."""
+
+    num_attention_heads: int = 16
+    """Attention heads; the tensor-parallel size must divide it."""
+    attention_head_dim: int = 128
+    """Channels per head; the model width is heads x head_dim."""
+    num_layers: int = 28
+    """Transformer blocks."""
+    mlp_ratio: float = 4.0
+    """Feed-forward width / model width."""
+    in_channels: int = 16
+    """Channels of the network input before the padding mask: latents (16), plus the condition mask (1) for
+    Video2World."""
+    out_channels: int = 16
+    """Latent channels out."""
+    text_embed_dim: int = 1024
+    """Width of the text-encoder states (T5-11B encoder: 1024)."""
+    adaln_lora_dim: int = 256
+    """Rank of the low-rank adaLN modulation."""
+    max_size: tuple[int, int, int] = (128, 240, 240)
+    """Largest latent (frames, height, width) the position tables cover."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """Patch size over (frames, height, width)."""
+    rope_scale: tuple[float, float, float] = (1.0, 4.0, 4.0)
+    """Per-axis NTK scaling of the RoPE base over (frames, height, width)."""
+    concat_padding_mask: bool = True
+    """Concatenate a padding-mask channel to the input (every Cosmos-Predict2 checkpoint does)."""
+    extra_pos_embed_type: str | None = None
+    """None, or 'learnable' for an RMS-normalised learned (t, h, w) position embedding added in every block."""
+    base_fps: float = 24.0
+    """Frame rate at which video RoPE positions are the frame indices (positions scale by base_fps / fps)."""
+    eps: float = 1e-6
+    """Epsilon of the LayerNorms and of the time-embedding RMSNorm."""
+    qk_norm_eps: float = 1e-5
+    """Epsilon of the per-head q/k RMSNorm."""
+    timestep_scale: float = 1.0
+    """Timestep units of the network: timestep = timestep_scale x rectified-flow time s (Cosmos-Predict2: s itself)."""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def patch_in_channels(self) -> int:
+        return self.in_channels + (1 if self.concat_padding_mask else 0)
+
+    def to_diffusers(self) -> dict:
+        """The `config.json` fields of diffusers' CosmosTransformer3DModel."""
+        return dict(
+            _class_name="CosmosTransformer3DModel", in_channels=self.in_channels, out_channels=self.out_channels,
+            num_attention_heads=self.num_attention_heads, attention_head_dim=self.attention_head_dim,
+            num_layers=self.num_layers, mlp_ratio=self.mlp_ratio, text_embed_dim=self.text_embed_dim,
+            adaln_lora_dim=self.adaln_lora_dim, max_size=list(self.max_size), patch_size=list(self.patch_size),
+            rope_scale=list(self.rope_scale), concat_padding_mask=self.concat_padding_mask,
+            extra_pos_embed_type=self.extra_pos_embed_type)
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> "CosmosConfig":
+        unsupported = {k: cfg.get(k) for k in ("use_crossattn_projection", "controlnet_block_every_n",
+                                               "img_context_dim_in") if cfg.get(k)}
+        if unsupported:
+            raise ValueError(f"only Cosmos-Predict2 (2.0) configs are supported; Cosmos 2.5 / Transfer fields set: "
+                             f"{unsupported}")
+        if cfg.get("extra_pos_embed_type", None) not in (None, "learnable"):
+            raise ValueError(f"unknown extra_pos_embed_type {cfg['extra_pos_embed_type']!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in cfg.items() if k in names}
+        for k in ("max_size", "patch_size", "rope_scale"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        # diffusers' defaults differ from ours for these two: absent keys mean diffusers' values
+        kw.setdefault("rope_scale", (2.0, 1.0, 1.0))
+        kw.setdefault("extra_pos_embed_type", "learnable")
+        kw.setdefault("num_attention_heads", 32)
+        return cls(**kw)
+
+
+_T2I = dict(rope_scale=(1.0, 4.0, 4.0))
+_V2W = dict(in_channels=17)  # 16 latent channels + the condition mask
+
+PRESETS: dict[str, CosmosConfig] = {
+    "cosmos-predict2-2b-t2i": CosmosConfig(num_attention_heads=16, num_layers=28, **_T2I),
+    "cosmos-predict2-14b-t2i": CosmosConfig(num_attention_heads=40, num_layers=36, **_T2I),
+    "cosmos-predict2-2b-v2w": CosmosConfig(num_attention_heads=16, num_layers=28, rope_scale=(1.0, 3.0, 3.0), **_V2W),
+    "cosmos-predict2-14b-v2w": CosmosConfig(num_attention_heads=40, num_layers=36, rope_scale=(20 / 24, 2.0, 2.0),
+                                            **_V2W),
+    # tiny configurations for tests and CPU demos (head_dim 12: 4 frame, 4 height, 4 width channels)
+    "cosmos-tiny": CosmosConfig(num_attention_heads=2, attention_head_dim=12, num_layers=2, in_channels=4,
+                                out_channels=4, text_embed_dim=16, adaln_lora_dim=8, max_size=(8, 16, 16),
+                                rope_scale=(1.0, 2.0, 3.0)),
+    "cosmos-tiny-v2w": CosmosConfig(num_attention_heads=2, attention_head_dim=12, num_layers=2, in_channels=5,
+                                    out_channels=4, text_embed_dim=16, adaln_lora_dim=8, max_size=(8, 16, 16),
+                                    rope_scale=(0.8, 3.0, 3.0)),
+    "cosmos-tiny-learnable": CosmosConfig(num_attention_heads=2, attention_head_dim=12, num_layers=2, in_channels=4,
+                                          out_channels=4, text_embed_dim=16, adaln_lora_dim=8, max_size=(8, 16, 16),
+                                          rope_scale=(2.0, 1.0, 1.0), extra_pos_embed_type="learnable"),
+    "cosmos-tiny-tp": CosmosConfig(num_attention_heads=4, attention_head_dim=12, num_layers=2, in_channels=4,
+                                   out_channels=4, text_embed_dim=16, adaln_lora_dim=8, max_size=(8, 16, 16),
+                                   rope_scale=(1.0, 2.0, 3.0)),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pieces the shared blocks do not have (candidates for blocks.py / tangent.py / rope.py)
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def gelu_erf(x, tx):
+    """Exact GELU x Phi(x); derivative Phi(x) + x phi(x)."""
+    y = F.gelu(x)
+    if tx is None:
+        return y, None
+    dy = 0.5 * (1 + torch.erf(x * _SQRT_HALF)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return y, tx * dy
+
+
+def rope_angles_ntk(grid, head_dim: int, rope_scale, fps: float | None = None, base_fps: float = 24.0,
+                    theta: float = 10000.0, device=None) -> torch.Tensor:
+    """Angles [F*H*W, head_dim/2] in float64, tokens in row-major (f, h, w) order, channels (frame, height, width).
+
+    Each axis's base is NTK-scaled: theta * scale^(d/(d-2)); with `fps` the frame positions are f * base_fps / fps.
+    """
+    parts = []
+    for axis, (size, dim, scale) in enumerate(zip(grid, axis_dims(head_dim), rope_scale)):
+        base = theta * scale ** (dim / (dim - 2))
+        freqs = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device)[: dim // 2] / dim)
+        pos = torch.arange(size, dtype=torch.float64, device=device)
+        if axis == 0 and fps is not None:
+            pos = pos / fps * base_fps
+        parts.append(torch.outer(pos, freqs))
+    f, h, w = grid
+    af = parts[0][:, None, None, :].expand(f, h, w, -1)
+    ah = parts[1][None, :, None, :].expand(f, h, w, -1)
+    aw = parts[2][None, None, :, :].expand(f, h, w, -1)
+    return torch.cat([af, ah, aw], dim=-1).reshape(f * h * w, -1)
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (x[:D/2], x[D/2:]) of x [S, B, H, D] by cos/sin [S, 1, 1, D/2]; computed in cos's dtype."""
+    x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def _init_normal(std: float):
+    return lambda w: torch.nn.init.normal_(w, std=std)
+
+
+def _column(cfg, n_in: int, n_out: int) -> tensor_parallel.ColumnParallelLinear:
+    return tensor_parallel.ColumnParallelLinear(
+        n_in, n_out, config=cfg, init_method=_init_normal(1.0 / math.sqrt(n_in)), bias=False, gather_output=False,
+        skip_bias_add=True)
+
+
+def _row(cfg, n_in: int, n_out: int) -> tensor_parallel.RowParallelLinear:
+    return tensor_parallel.RowParallelLinear(
+        n_in, n_out, config=cfg, init_method=_init_normal(1.0 / math.sqrt(n_in)), bias=False, input_is_parallel=True,
+        skip_bias_add=True)
+
+
+def _to_attention_layout(x):
+    # [S, B, H, D] -> [B, H, S, D] view (kernels and SDPA take strides)
+    return None if x is None else x.permute(1, 2, 0, 3)
+
+
+def _attend(q, tq, k, tk, v, tv):
+    """q/k/v in [S, B, H, D] -> [S, B, H*D] outputs (and tangents)."""
+    q, k, v, tq, tk, tv = (_to_attention_layout(a) for a in (q, k, v, tq, tk, tv))
+    if tq is None:
+        o, to = attention(q, k, v), None
+    else:
+        o, to, _, _ = attention_jvp(q, k, v, tq, tk, tv)
+    back = lambda a: None if a is None else a.permute(2, 0, 1, 3).flatten(2)  # noqa: E731
+    return back(o), back(to)
+
+
+class CosmosAttention(torch.nn.Module):
+    """Self- or cross-attention without biases, q/k RMSNorm per head, optional (rotate-half) RoPE.
+
+    Same fused layouts as the shared blocks' Attention, so a tensor-parallel rank's row slice holds whole heads:
+    self-attention q/k/v ordered (head, {q,k,v}, channel), cross-attention k/v ordered (head, {k,v}, channel).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, eps: float, cfg,
+                 context_dim: int | None = None):
+        super().__init__()
+        tp = cfg.tensor_model_parallel_size
+        if num_heads % tp != 0:
+            raise ValueError(f"tensor-parallel size {tp} does not divide the {num_heads} attention heads")
+        self.cfg = cfg
+        self.eps = eps
+        self.head_dim = head_dim
+        self.heads_per_rank = num_heads // tp
+        inner = num_heads * head_dim
+        self.is_cross = context_dim is not None
+        if self.is_cross:
+            self.linear_q = _column(cfg, hidden_size, inner)
+            # text tokens are not split by sequence parallelism: no gather on the key/value projection
+            self.linear_kv = _column(dataclasses.replace(cfg, sequence_parallel=False), context_dim, 2 * inner)
+        else:
+            self.linear_qkv = _column(cfg, hidden_size, 3 * inner)
+        self.q_norm = torch.nn.Parameter(torch.ones(head_dim, dtype=cfg.params_dtype))
+        self.k_norm = torch.nn.Parameter(torch.ones(head_dim, dtype=cfg.params_dtype))
+        self.linear_proj = _row(cfg, inner, hidden_size)
+
+    def _heads(self, y, ty, n_parts: int):
+        split = lambda a: None if a is None else a.unflatten(-1, (self.heads_per_rank, n_parts, self.head_dim))  # noqa: E731
+        y, ty = split(y), split(ty)
+        return [(y[..., i, :], None if ty is None else ty[..., i, :]) for i in range(n_parts)]
+
+    def _norm(self, x, tx, weight):
+        # The per-head weight is replicated, but each tensor-parallel rank applies it to its own heads only:
+        # identity forward / all-reduce backward makes its gradient complete (attention runs on the gathered
+        # sequence, so this covers sequence parallelism too).
+        if self.cfg.tensor_model_parallel_size > 1 and weight.requires_grad:
+            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight)
+        return T.rms_norm(x, tx, weight, self.eps, self.head_dim)
+
+    def forward(self, x, tx=None, rope=None, context=None):
+        """x [s, b, h] (sequence-parallel shard or full); `rope(t)` rotates [S, B, H, D] tensors; `context`
+        [L, b, context_dim] for cross-attention (it carries no tangent)."""
+        if self.is_cross:
+            ((q, tq),) = self._heads(*T.parallel_linear(self.linear_q, x, tx), 1)
+            (k, tk), (v, tv) = self._heads(*T.parallel_linear(self.linear_kv, context, None), 2)
+        else:
+            (q, tq), (k, tk), (v, tv) = self._heads(*T.parallel_linear(self.linear_qkv, x, tx), 3)
+        q, tq = self._norm(q, tq, self.q_norm)
+        k, tk = self._norm(k, tk, self.k_norm)
+        if rope is not None:
+            q, tq = T.stacked(rope, q, tq, dim=1)
+            k, tk = T.stacked(rope, k, tk, dim=1)
+        o, to = _attend(q, tq, k, tk, v, tv)
+        return T.parallel_linear(self.linear_proj, o, to)
+
+
+class MLP(torch.nn.Module):
+    """fc1 (column parallel) -> exact GELU -> fc2 (row parallel), no biases."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, cfg):
+        super().__init__()
+        self.linear_fc1 = _column(cfg, hidden_size, ffn_size)
+        self.linear_fc2 = _row(cfg, ffn_size, hidden_size)
+
+    def forward(self, x, tx=None):
+        h, th = T.parallel_linear(self.linear_fc1, x, tx)
+        h, th = gelu_erf(h, th)
+        return T.parallel_linear(self.linear_fc2, h, th)
+
+
+class AdaLNLoRA(torch.nn.Module):
+    """Low-rank modulation: Linear(width -> rank) -> Linear(rank -> n x width) of SiLU(embedded timestep), + temb."""
+
+    def __init__(self, hidden_size: int, rank: int, n: int, dtype: torch.dtype):
+        super().__init__()
+        self.n = n
+        self.linear_1 = torch.nn.Linear(hidden_size, rank, bias=False, dtype=dtype)
+        self.linear_2 = torch.nn.Linear(rank, n * hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, act, tact, temb, ttemb):
+        """act = SiLU(embedded timestep) [N, width]; temb [N, 3 x width]. Returns [N, n x width]."""
+        e, te = T.linear(self.linear_2, *T.linear(self.linear_1, act, tact))
+        k = e.shape[-1]
+        return T.add(e, te, temb[..., :k], None if ttemb is None else ttemb[..., :k])
+
+
+class TimeEmbedding(torch.nn.Module):
+    """Sinusoid (model width) -> (temb = Linear -> SiLU -> Linear to 3 x width, embedded = affine RMSNorm)."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.linear_1 = torch.nn.Linear(hidden_size, hidden_size, bias=False, dtype=dtype)
+        self.linear_2 = torch.nn.Linear(hidden_size, 3 * hidden_size, bias=False, dtype=dtype)
+        self.norm = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+
+    def forward(self, t, tt=None):
+        p, tp = T.cast(*sinusoidal_embedding(t, tt, self.hidden_size), self.linear_1.weight.dtype)
+        h, th = T.silu(*T.linear(self.linear_1, p, tp))
+        temb, ttemb = T.linear(self.linear_2, h, th)
+        emb, temb_ = T.rms_norm(p, tp, self.norm, self.eps, self.hidden_size)
+        return (temb, ttemb), (emb, temb_)
+
+
+class LearnablePositionEmbedding(torch.nn.Module):
+    """Sum of learned frame/row/column tables, RMS-normalised per token (Cosmos 1.0's extra position embedding)."""
+
+    def __init__(self, hidden_size: int, grid_max: tuple[int, int, int], eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.pos_emb_t = torch.nn.Parameter(torch.zeros(grid_max[0], hidden_size, dtype=dtype))
+        self.pos_emb_h = torch.nn.Parameter(torch.zeros(grid_max[1], hidden_size, dtype=dtype))
+        self.pos_emb_w = torch.nn.Parameter(torch.zeros(grid_max[2], hidden_size, dtype=dtype))
+
+    def forward(self, grid):
+        f, h, w = grid
+        emb = (self.pos_emb_t[:f, None, None] + self.pos_emb_h[None, :h, None] + self.pos_emb_w[None, None, :w])
+        emb = emb.reshape(f * h * w, 1, -1)  # [S, 1, width]
+        rms = torch.linalg.vector_norm(emb, dim=-1, keepdim=True) / math.sqrt(emb.shape[-1])
+        return emb / (self.eps + rms)
+
+
+class CosmosBlock(torch.nn.Module):
+    def __init__(self, config: CosmosConfig, cfg, high_dtype: torch.dtype):
+        super().__init__()
+        h, r = config.hidden_size, config.adaln_lora_dim
+        self.eps = config.eps
+        self.cfg = cfg
+        self.adaln_self_attention = AdaLNLoRA(h, r, 3, high_dtype)
+        heads, d = config.num_attention_heads, config.attention_head_dim
+        self.self_attention = CosmosAttention(h, heads, d, config.qk_norm_eps, cfg)
+        self.adaln_cross_attention = AdaLNLoRA(h, r, 3, high_dtype)
+        self.cross_attention = CosmosAttention(h, heads, d, config.qk_norm_eps, cfg,
+                                               context_dim=config.text_embed_dim)
+        self.adaln_mlp = AdaLNLoRA(h, r, 3, high_dtype)
+        self.mlp = MLP(h, config.ffn_dim, cfg)
+
+    def _branch(self, x, tx, adaln, cond, branch):
+        """x + gate * branch(LayerNorm(x) (1 + scale) + shift)."""
+        dtype = x.dtype
+        (shift, tshift), (scale, tscale), (gate, tgate) = cond.modulation(adaln)
+        n, tn = T.layer_norm(x, tx, self.eps)
+        n, tn = T.cast(*T.modulate(n, tn, shift, tshift, scale, tscale), dtype)
+        a, ta = branch(n, tn)
+        return T.cast(*T.gated_residual(x, tx, a, ta, gate, tgate), dtype)
+
+    def forward(self, x, tx, cond: "_Conditioning", rope, context, pos):
+        if pos is not None:
+            x = x + pos.to(x.dtype)
+        x, tx = self._branch(x, tx, self.adaln_self_attention, cond, lambda n, tn: self.self_attention(n, tn, rope=rope))
+        x, tx = self._branch(x, tx, self.adaln_cross_attention, cond,
+                             lambda n, tn: self.cross_attention(n, tn, context=context))
+        return self._branch(x, tx, self.adaln_mlp, cond, self.mlp)
+
+
+@dataclasses.dataclass
+class _Conditioning:
+    """Time conditioning of one pass and how it lands on this rank's tokens.
+
+    `act` = SiLU(embedded timestep) and `temb` are [B x T', ...] with T' = 1 (one timestep per sample) or the number
+    of latent frames (per-frame timesteps); `frame_of_token` maps this rank's tokens to frames in the latter case."""
+
+    act: torch.Tensor
+    tact: torch.Tensor | None
+    temb: torch.Tensor
+    ttemb: torch.Tensor | None
+    batch: int
+    frame_of_token: torch.Tensor | None
+    cfg: object
+    sequence_parallel: bool
+
+    def to_tokens(self, e, replicate: bool):
+        """[B x T', k] -> [1, B, k] or [S_local, B, k] (broadcast over the token layout [S, B, k])."""
+        if e is None:
+            return None
+        if replicate:
+            e = replicate_for_sequence_parallel(e, self.cfg)
+        e = e.unflatten(0, (self.batch, -1))  # [B, T', k]
+        if self.frame_of_token is None:
+            return e.transpose(0, 1)
+        return e[:, self.frame_of_token].transpose(0, 1)
+
+    def modulation(self, adaln: AdaLNLoRA):
+        e, te = adaln(self.act, self.tact, self.temb, self.ttemb)
+        e, te = self.to_tokens(e, True), self.to_tokens(te, False)
+        parts = e.chunk(adaln.n, dim=-1)
+        tparts = te.chunk(adaln.n, dim=-1) if te is not None else [None] * adaln.n
+        return list(zip(parts, tparts))
+
+
+class CosmosModel(torch.nn.Module):
+    """Cosmos-Predict2 DiT. `model(latents, timestep, text)` -> velocity; `model.jvp(...)` -> (velocity, tangent).
+
+    Built in the current megatron-core parallel layout (tensor-parallel size from `parallel_state`).
+    `params_dtype` is the dtype of the large layers; the time embedding, the adaLN modulations, the norms and the
+    head are kept in float32 (or in `params_dtype` when that is wider).
+    """
+
+    def __init__(self, config: CosmosConfig, params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
+                 perform_initialization: bool = True):
+        super().__init__()
+        state.ensure_parallel()
+        self.config = config
+        self.cfg = parallel_config(params_dtype, sequence_parallel, perform_initialization)
+        self.sequence_parallel = self.cfg.sequence_parallel
+        self.high_dtype = high = torch.promote_types(params_dtype, torch.float32)
+        h = config.hidden_size
+        self.patch_embedding = torch.nn.Linear(config.patch_in_channels * math.prod(config.patch_size), h, bias=False,
+                                               dtype=params_dtype)
+        self.grid_max = tuple(s // p for s, p in zip(config.max_size, config.patch_size))
+        if config.extra_pos_embed_type == "learnable":
+            self.extra_pos_embedding = LearnablePositionEmbedding(h, self.grid_max, config.eps, high)
+        self.time_embedding = TimeEmbedding(h, config.eps, high)
+        self.blocks = torch.nn.ModuleList(CosmosBlock(config, self.cfg, high) for _ in range(config.num_layers))
+        self.head_adaln = AdaLNLoRA(h, config.adaln_lora_dim, 2, high)
+        self.head = torch.nn.Linear(h, config.out_channels * math.prod(config.patch_size), bias=False, dtype=high)
+        self._rope_cache = {}
+
+    # ----------------------------------------------------------------------------------------------
+    def _check_inputs(self, latents, timestep, text, condition_mask, padding_mask):
+        c = self.config
+        if latents.dim() != 5:
+            raise ValueError(f"latents must be [B, C, T, H, W], got {tuple(latents.shape)}")
+        b, ch, f = latents.shape[:3]
+        extra = 0
+        if condition_mask is not None:
+            if condition_mask.dim() != 5 or condition_mask.shape[0] != b or condition_mask.shape[2:] != latents.shape[2:]:
+                raise ValueError(f"condition_mask must be [B={b}, C, {', '.join(map(str, latents.shape[2:]))}], "
+                                 f"got {tuple(condition_mask.shape)}")
+            extra = condition_mask.shape[1]
+        if ch + extra != c.in_channels:
+            raise ValueError(f"latents must be [B, {c.in_channels - extra}, T, H, W] (in_channels={c.in_channels}"
+                             f"{' with the condition mask' if extra else ''}), got {tuple(latents.shape)}")
+        for size, p, axis in zip(latents.shape[2:], c.patch_size, "THW"):
+            if size % p:
+                raise ValueError(f"latent {axis}={size} is not divisible by the patch size {p}")
+        grid = tuple(s // p for s, p in zip(latents.shape[2:], c.patch_size))
+        if any(g > m for g, m in zip(grid, self.grid_max)):
+            raise ValueError(f"latent grid {grid} exceeds the model's max_size {c.max_size} / patch {c.patch_size}")
+        if not (timestep.dim() == 1 and timestep.shape[0] == b) and not (
+                timestep.dim() == 2 and timestep.shape == (b, f) and c.patch_size[0] == 1):
+            raise ValueError(f"timestep must be [B={b}] or per latent frame [B={b}, T={f}] (patch_size[0] == 1), "
+                             f"got {tuple(timestep.shape)}")
+        if text.dim() != 3 or text.shape[0] != b or text.shape[2] != c.text_embed_dim:
+            raise ValueError(f"text must be [B={b}, L, {c.text_embed_dim}], got {tuple(text.shape)}")
+        if padding_mask is not None and (padding_mask.dim() != 4 or padding_mask.shape[1] != 1
+                                         or padding_mask.shape[0] not in (1, b)):
+            raise ValueError(f"padding_mask must be [1 or B, 1, H, W], got {tuple(padding_mask.shape)}")
+        tokens = math.prod(grid)
+        tp = self.cfg.tensor_model_parallel_size
+        if self.sequence_parallel and tokens % tp:
+            raise ValueError(f"sequence parallelism needs the token count ({tokens}) divisible by TP={tp}")
+        return grid
+
+    def _rope(self, grid, fps, device):
+        key = (grid, fps, device)
+        if key not in self._rope_cache:
+            c = self.config
+            ang = rope_angles_ntk(grid, c.attention_head_dim, c.rope_scale, fps, c.base_fps, device=device)
+            ang = ang.to(self.high_dtype)[:, None, None, :]
+            self._rope_cache = {key: (torch.cos(ang), torch.sin(ang))}
+        cos, sin = self._rope_cache[key]
+        return lambda x: apply_rope_half(x, cos, sin)
+
+    def _network_input(self, latents, tlatents, condition_mask, padding_mask):
+        """Concatenate the condition and padding masks (which carry no tangent) to the latents."""
+        b, _, f, hh, ww = latents.shape
+        extra = []
+        if condition_mask is not None:
+            extra.append(condition_mask.to(latents.dtype))
+        if self.config.concat_padding_mask:
+            if padding_mask is None:
+                pad = latents.new_zeros(b, 1, f, hh, ww)
+            else:
+                # diffusers resizes the (pixel-resolution) mask to the latent size by nearest neighbour
+                pad = F.interpolate(padding_mask.to(latents.dtype), size=(hh, ww), mode="nearest")
+                pad = pad.expand(b, -1, -1, -1).unsqueeze(2).expand(-1, -1, f, -1, -1)
+            extra.append(pad)
+        if not extra:
+            return latents, tlatents
+        x = torch.cat([latents, *extra], dim=1)
+        if tlatents is None:
+            return x, None
+        return x, torch.cat([tlatents.to(latents.dtype), *(torch.zeros_like(e) for e in extra)], dim=1)
+
+    def _patchify(self, x, grid):
+        """[B, C, T, H, W] -> [S, B, C*pt*ph*pw], features ordered (c, pt, ph, pw), tokens row-major (t, h, w)."""
+        b, ch = x.shape[:2]
+        pt, ph, pw = self.config.patch_size
+        x = x.reshape(b, ch, grid[0], pt, grid[1], ph, grid[2], pw).permute(2, 4, 6, 0, 1, 3, 5, 7)
+        return x.reshape(math.prod(grid), b, -1)
+
+    def _frame_of_token(self, grid, device, local: bool):
+        s = math.prod(grid)
+        idx = torch.arange(s, device=device)
+        if local and self.sequence_parallel:
+            n = s // self.cfg.tensor_model_parallel_size
+            idx = idx[state.tp_rank() * n:(state.tp_rank() + 1) * n]
+        return idx // (grid[1] * grid[2])
+
+    def _run(self, latents, timestep, text, tlatents, ttimestep, condition_mask=None, padding_mask=None, fps=None):
+        c = self.config
+        grid = self._check_inputs(latents, timestep, text, condition_mask, padding_mask)
+        out_dtype = latents.dtype
+        dtype = self.patch_embedding.weight.dtype
+        b = latents.shape[0]
+
+        xin, txin = self._network_input(latents.to(dtype), None if tlatents is None else tlatents.to(dtype),
+                                        condition_mask, padding_mask)
+        x, tx = T.stacked(self.patch_embedding, self._patchify(xin, grid),
+                          None if txin is None else self._patchify(txin, grid), dim=1)  # [S, B, h]
+        if self.sequence_parallel:
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+            tx = None if tx is None else tensor_parallel.scatter_to_sequence_parallel_region(tx)
+
+        (temb, ttemb), (emb, temb_) = self.time_embedding(timestep.flatten(),
+                                                          None if ttimestep is None else ttimestep.flatten())
+        act, tact = T.silu(emb, temb_)
+        per_frame = timestep.dim() == 2
+        cond = _Conditioning(act, tact, temb, ttemb, b,
+                             self._frame_of_token(grid, latents.device, True) if per_frame else None,
+                             self.cfg, self.sequence_parallel)
+
+        pos = None
+        if c.extra_pos_embed_type == "learnable":
+            pos = self.extra_pos_embedding(grid)
+            if self.sequence_parallel:
+                pos = tensor_parallel.scatter_to_sequence_parallel_region(pos)
+        context = text.to(dtype).transpose(0, 1)  # [L, B, text_embed_dim]
+        rope = self._rope(grid, fps, latents.device)
+        for block in self.blocks:
+            x, tx = block(x, tx, cond, rope, context, pos)
+
+        if self.sequence_parallel:
+            # the head runs replicated on the full sequence: its gradient must be split, not reduce-scattered
+            x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+            tx = None if tx is None else tensor_parallel.gather_from_sequence_parallel_region(
+                tx, tensor_parallel_output_grad=False)
+        head_cond = dataclasses.replace(
+            cond, frame_of_token=self._frame_of_token(grid, latents.device, False) if per_frame else None,
+            sequence_parallel=False)
+        e, te = self.head_adaln(act, tact, temb, ttemb)
+        e, te = head_cond.to_tokens(e, False), head_cond.to_tokens(te, False)
+        shift, scale = e.chunk(2, dim=-1)
+        tshift, tscale = te.chunk(2, dim=-1) if te is not None else (None, None)
+        n, tn = T.layer_norm(x, tx, c.eps)
+        n, tn = T.modulate(n, tn, shift, tshift, scale, tscale)
+        y, ty = T.linear(self.head, n.transpose(0, 1), None if tn is None else tn.transpose(0, 1))  # [B, S, o]
+        return self._unpatchify(y, grid, out_dtype), (None if ty is None else self._unpatchify(ty, grid, out_dtype))
+
+    def _unpatchify(self, y, grid, dtype):
+        # diffusers orders the head's features (ph, pw, pt, c)
+        b = y.shape[0]
+        pt, ph, pw = self.config.patch_size
+        y = y.reshape(b, *grid, ph, pw, pt, -1).permute(0, 7, 1, 6, 2, 4, 3, 5)
+        return y.flatten(6, 7).flatten(4, 5).flatten(2, 3).to(dtype)
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, latents, timestep, text, condition_mask=None, padding_mask=None, fps=None):
+        """latents [B, C, T, H, W] (x_s), timestep [B] (or per latent frame [B, T]) = rectified-flow time s in
+        [0, 1], text [B, L, 1024] T5 states -> velocity [B, out_channels, T, H, W] in the dtype of `latents`,
+        complete on every rank.
+
+        condition_mask [B, 1, T, H, W]: Video2World's conditioning-frame indicator (the network input then has
+        in_channels = C + 1). padding_mask [1 or B, 1, H', W'] (resized to the latent size): default all zeros, as
+        both Cosmos-Predict2 pipelines feed. fps: video frame rate for the temporal RoPE positions (None: images, or
+        frames at base_fps)."""
+        return self._run(latents, timestep, text, None, None, condition_mask, padding_mask, fps)[0]
+
+    def jvp(self, latents, timestep, text, latents_tangent=None, timestep_tangent=None, condition_mask=None,
+            padding_mask=None, fps=None):
+        """(velocity, d velocity) along (latents_tangent, timestep_tangent); text and masks carry no tangent.
+        Always runs without autograd."""
+        with torch.no_grad():
+            if latents_tangent is None:
+                latents_tangent = torch.zeros_like(latents)
+            if timestep_tangent is None:
+                timestep_tangent = torch.zeros_like(timestep, dtype=torch.promote_types(timestep.dtype, torch.float32))
+            return self._run(latents, timestep, text, latents_tangent, timestep_tangent, condition_mask, padding_mask,
+                             fps)

@@ -16,6 +16,8 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 
 from megatron_rcm.models import tangent as T
 from megatron_rcm.models.attention import attention, attention_jvp
+from megatron_rcm.models.fusion import fused
+from megatron_rcm.models.rope import apply_rope_interleaved
 from megatron_rcm.parallel import state
 
 
@@ -97,15 +99,44 @@ def _attend(q, tq, k, tk, v, tv):
     return _from_attention_layout(o), _from_attention_layout(to)
 
 
-def _split_stacked(y, ty, n_parts: int, num_heads: int, head_dim: int):
-    """Split a fused projection [S, B, heads*(n_parts*head_dim)] laid out per head into n_parts tensors
-    [S, B, heads, head_dim] (and their tangents)."""
-    def split(a):
-        a = a.unflatten(-1, (num_heads, n_parts, head_dim))
-        return [a[..., i, :] for i in range(n_parts)]
-    parts = split(y)
-    tparts = split(ty) if ty is not None else [None] * n_parts
-    return list(zip(parts, tparts))
+def _biased_parts(y, ty, bias, heads: int, n_parts: int, head_dim: int):
+    """A fused projection [S, B, heads*(n_parts*head_dim)] (laid out per head) plus its bias, as
+    [S, B, heads, n_parts, head_dim] in the compute dtype (the tangent gets no bias)."""
+    ct = T.compute_dtype(y.dtype)
+    a = y.to(ct)
+    if bias is not None:
+        a = a + bias.to(ct)
+    a = a.unflatten(-1, (heads, n_parts, head_dim))
+    ta = None if ty is None else ty.to(ct).unflatten(-1, (heads, n_parts, head_dim))
+    return a, ta
+
+
+@fused
+def _qk_norm_stats(y, ty, bias, heads: int, n_parts: int, head_dim: int, n_norm: int, per_head: bool):
+    """RMS statistics of the first `n_norm` parts (q, k), per head or over all local heads:
+    [S, B, 1 or heads, n_norm, 1, 1 or 2]."""
+    a, ta = _biased_parts(y, ty, bias, heads, n_parts, head_dim)
+    a = a[..., :n_norm, :]
+    ta = None if ta is None else ta[..., :n_norm, :]
+    return T.rms_stats(a, ta, dims=(-1,) if per_head else (-3, -1))
+
+
+@fused
+def _qk_norm_rope(y, ty, bias, stats, weights, cos, sin, eps: float, full_dim: int, heads: int, n_parts: int,
+                  head_dim: int, dtype: torch.dtype):
+    """Bias, q/k RMSNorm (from all-reduced `stats`), RoPE (q/k), cast: a list of n_parts (x, tx) pairs
+    [S, B, heads, head_dim]; parts past the normed ones (v) only get the bias."""
+    a, ta = _biased_parts(y, ty, bias, heads, n_parts, head_dim)
+    out = []
+    for i in range(n_parts):
+        x, tx = a[..., i, :], (None if ta is None else ta[..., i, :])
+        if stats is not None and i < len(weights):
+            x, tx = T.rms_apply(x, tx, stats[..., i, :, :], weights[i], eps, full_dim)
+            if cos is not None:
+                x = apply_rope_interleaved(x, cos, sin)
+                tx = None if tx is None else apply_rope_interleaved(tx, cos, sin)
+        out.append(T.cast(x, tx, dtype))
+    return out
 
 
 @dataclasses.dataclass
@@ -122,6 +153,14 @@ class AttentionConfig:
     """'across_heads' (Wan: RMSNorm over all heads' channels), 'per_head' (Cosmos) or 'none'."""
     context_dim: int | None = None
     """Width of the cross-attention context (None: self-attention)."""
+
+
+@fused
+def _qk_norm_rope_local(y, ty, bias, weights, cos, sin, per_head: bool, eps: float, full_dim: int, heads: int,
+                        n_parts: int, head_dim: int, dtype: torch.dtype):
+    stats = _qk_norm_stats.__wrapped__(y, ty, bias, heads, n_parts, head_dim, len(weights), per_head)
+    return _qk_norm_rope.__wrapped__(y, ty, bias, stats, weights, cos, sin, eps, full_dim, heads, n_parts,
+                                     head_dim, dtype)
 
 
 class Attention(torch.nn.Module):
@@ -159,39 +198,42 @@ class Attention(torch.nn.Module):
             raise ValueError(f"unknown qk_norm {attn.qk_norm!r}")
         self.linear_proj = row(cfg, inner, attn.hidden_size)
 
-    def _norm(self, x, tx, weight):
-        """x [S, B, h, d]."""
+    def _project(self, layer, x, tx, n_parts: int, norm_weights: tuple, rope):
+        """Fused projection -> bias, RMSNorm of the first len(norm_weights) parts, RoPE -> list of (x, tx)
+        in [S, B, H, D]."""
         a = self.attn
+        y, ty, bias = T.parallel_linear_nobias(layer, x, tx)
+        cos, sin = (None, None) if rope is None else rope
+        per_head = a.qk_norm == "per_head"
+        full_dim = a.head_dim if per_head else a.num_heads * a.head_dim
+        args = (a.eps, full_dim, self.heads_per_rank, n_parts, a.head_dim, y.dtype)
         if a.qk_norm == "none":
-            return x, tx
-        if a.qk_norm == "per_head":
-            return T.rms_norm(x, tx, weight, a.eps, a.head_dim)
-        flat = lambda t: None if t is None else t.flatten(-2)
-        y, ty = T.rms_norm(flat(x), flat(tx), weight, a.eps, a.num_heads * a.head_dim,
-                           group=state.tp_group() if self.cfg.tensor_model_parallel_size > 1 else None)
-        unflat = lambda t: None if t is None else t.unflatten(-1, (self.heads_per_rank, a.head_dim))
-        return unflat(y), unflat(ty)
+            return _qk_norm_rope(y, ty, bias, None, (), cos, sin, *args)
+        if not per_head:
+            norm_weights = tuple(w.view(self.heads_per_rank, a.head_dim) for w in norm_weights)
+        if per_head or self.cfg.tensor_model_parallel_size == 1:
+            # statistics are local: one fused region
+            return _qk_norm_rope_local(y, ty, bias, norm_weights, cos, sin, per_head, *args)
+        stats = _qk_norm_stats(y, ty, bias, self.heads_per_rank, n_parts, a.head_dim, len(norm_weights), False)
+        stats = T.all_reduce_sum(stats, state.tp_group())
+        return _qk_norm_rope(y, ty, bias, stats, norm_weights, cos, sin, *args)
 
-    def forward(self, x, tx=None, rope=None, context=None):
-        """x [s, b, h] (sequence-parallel shard or full); `rope(t)` rotates [S, B, H, D] tensors; `context`
-        [L, b, context_dim] for cross-attention (it carries no tangent)."""
-        a = self.attn
+    def forward(self, x, tx=None, rope=None, context=None, add_bias: bool = True):
+        """x [s, b, h] (sequence-parallel shard or full); `rope` = (cos, sin) [S, 1, 1, D/2] tables for
+        interleaved-pair RoPE; `context` [L, b, context_dim] for cross-attention (it carries no tangent).
+        Returns (out, out_tangent), or (out, out_tangent, bias) with `add_bias=False` for callers that fuse
+        the output bias into what follows."""
+        qn, kn = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
         if self.is_cross:
-            q, tq = T.parallel_linear(self.linear_q, x, tx)
-            q = q.unflatten(-1, (self.heads_per_rank, a.head_dim))
-            tq = None if tq is None else tq.unflatten(-1, (self.heads_per_rank, a.head_dim))
-            kv, _ = T.parallel_linear(self.linear_kv, context, None)
-            (k, tk), (v, tv) = _split_stacked(kv, None, 2, self.heads_per_rank, a.head_dim)
+            ((q, tq),) = self._project(self.linear_q, x, tx, 1, (qn,), None)
+            (k, tk), (v, tv) = self._project(self.linear_kv, context, None, 2, (kn,), None)
         else:
-            qkv, tqkv = T.parallel_linear(self.linear_qkv, x, tx)
-            (q, tq), (k, tk), (v, tv) = _split_stacked(qkv, tqkv, 3, self.heads_per_rank, a.head_dim)
-        q, tq = self._norm(q, tq, getattr(self, "q_norm", None))
-        k, tk = self._norm(k, tk, getattr(self, "k_norm", None))
-        if rope is not None:
-            q, tq = T.stacked(rope, q, tq, dim=1)
-            k, tk = T.stacked(rope, k, tk, dim=1)
+            (q, tq), (k, tk), (v, tv) = self._project(self.linear_qkv, x, tx, 3, (qn, kn), rope)
         o, to = _attend(q, tq, k, tk, v, tv)
-        return T.parallel_linear(self.linear_proj, o, to)
+        y, ty, bias = T.parallel_linear_nobias(self.linear_proj, o, to)
+        if add_bias:
+            return (y if bias is None else y + bias), ty
+        return y, ty, bias
 
 
 class MLP(torch.nn.Module):
@@ -202,10 +244,21 @@ class MLP(torch.nn.Module):
         self.linear_fc1 = column(cfg, hidden_size, ffn_size)
         self.linear_fc2 = row(cfg, ffn_size, hidden_size)
 
-    def forward(self, x, tx=None):
-        h, th = T.parallel_linear(self.linear_fc1, x, tx)
-        h, th = T.gelu_tanh(h, th)
-        return T.parallel_linear(self.linear_fc2, h, th)
+    def forward(self, x, tx=None, add_bias: bool = True):
+        """Returns (out, out_tangent), or (out, out_tangent, bias) with `add_bias=False`."""
+        h, th, bias = T.parallel_linear_nobias(self.linear_fc1, x, tx)
+        h, th = _bias_gelu(h, th, bias)
+        y, ty, bias = T.parallel_linear_nobias(self.linear_fc2, h, th)
+        if add_bias:
+            return (y if bias is None else y + bias), ty
+        return y, ty, bias
+
+
+@fused
+def _bias_gelu(h, th, bias):
+    if bias is not None:
+        h = h + bias
+    return T.gelu_tanh(h, th)
 
 
 def sinusoidal_embedding(t, tt, dim: int, max_period: float = 10000.0):

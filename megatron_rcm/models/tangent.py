@@ -27,15 +27,21 @@ def stacked(fn, x, tx, dim: int):
     return y.narrow(dim, 0, n), y.narrow(dim, n, y.shape[dim] - n)
 
 
-def parallel_linear(layer, x, tx, batch_dim: int = 1):
-    """megatron-core Column/RowParallelLinear built with `skip_bias_add=True`: bias on the primal only."""
+def parallel_linear_nobias(layer, x, tx, batch_dim: int = 1):
+    """megatron-core Column/RowParallelLinear built with `skip_bias_add=True`: `(y, ty, bias)` without the bias
+    added, so that the consumer fuses the add (the bias belongs to the primal only)."""
     if tx is None:
         y, bias = layer(x)
-        return (y if bias is None else y + _sp_bias(layer, bias)), None
+        return y, None, (None if bias is None else _sp_bias(layer, bias))
     n = x.shape[batch_dim]
     y2, bias = layer(torch.cat([x, tx.to(x.dtype)], dim=batch_dim))
-    bias = None if bias is None else _sp_bias(layer, bias)
     y, ty = y2.narrow(batch_dim, 0, n), y2.narrow(batch_dim, n, y2.shape[batch_dim] - n)
+    return y, ty, (None if bias is None else _sp_bias(layer, bias))
+
+
+def parallel_linear(layer, x, tx, batch_dim: int = 1):
+    """megatron-core Column/RowParallelLinear built with `skip_bias_add=True`: bias on the primal only."""
+    y, ty, bias = parallel_linear_nobias(layer, x, tx, batch_dim)
     return (y if bias is None else y + bias), ty
 
 
@@ -122,22 +128,35 @@ def all_reduce_sum(x, group):
     return _AllReduceSum.apply(x, group)
 
 
+def rms_stats(x, tx, dims=(-1,)):
+    """Sums of x*x (and of x*tx) over `dims`, stacked on a new last axis, in the compute dtype."""
+    ct = compute_dtype(x.dtype)
+    xf = x.to(ct)
+    ss = (xf * xf).sum(dim=dims, keepdim=True)
+    if tx is None:
+        return ss.unsqueeze(-1)
+    return torch.stack([ss, (xf * tx.to(ct)).sum(dim=dims, keepdim=True)], dim=-1)
+
+
+def rms_apply(x, tx, stats, weight, eps: float, full_dim: int):
+    """RMSNorm from (all-reduced) `rms_stats` over `full_dim` channels; results in the compute dtype."""
+    ct = compute_dtype(x.dtype)
+    xf = x.to(ct)
+    r = torch.rsqrt(stats[..., 0] / full_dim + eps)
+    n = xf * r
+    w = weight.to(ct)
+    if tx is None:
+        return n * w, None
+    dn = r * tx.to(ct) - n * (r * r) * (stats[..., 1] / full_dim)
+    return n * w, dn * w
+
+
 def rms_norm(x, tx, weight, eps: float, full_dim: int, group=None):
     """RMSNorm over the last dimension, which may be split across `group` (q/k norm across all heads under
     TP): the sums of x*x (and of x*tx for the tangent) are all-reduced in one collective."""
-    ct = compute_dtype(x.dtype)
-    xf = x.to(ct)
-    w = weight.to(ct)
-    if tx is None:
-        ss = all_reduce_sum((xf * xf).sum(-1, keepdim=True), group)
-        r = torch.rsqrt(ss / full_dim + eps)
-        return (xf * r * w).to(x.dtype), None
-    txf = tx.to(ct)
-    stats = all_reduce_sum(torch.cat([(xf * xf).sum(-1, keepdim=True), (xf * txf).sum(-1, keepdim=True)], -1), group)
-    r = torch.rsqrt(stats[..., :1] / full_dim + eps)
-    n = xf * r
-    dn = r * txf - n * (r * r) * (stats[..., 1:] / full_dim)
-    return (n * w).to(x.dtype), (dn * w).to(x.dtype)
+    stats = all_reduce_sum(rms_stats(x, tx), group)
+    y, ty = rms_apply(x, tx, stats, weight, eps, full_dim)
+    return y.to(x.dtype), (None if ty is None else ty.to(x.dtype))
 
 
 def modulate(n, tn, shift, tshift, scale, tscale):

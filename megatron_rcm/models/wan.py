@@ -22,7 +22,8 @@ from megatron_rcm.models.blocks import (
     parallel_config,
     replicate_for_sequence_parallel,
 )
-from megatron_rcm.models.rope import apply_rope_interleaved, rope_angles
+from megatron_rcm.models.fusion import fused
+from megatron_rcm.models.rope import rope_angles
 from megatron_rcm.parallel import state
 
 
@@ -95,6 +96,33 @@ PRESETS: dict[str, WanConfig] = {
 }
 
 
+@fused
+def _modulated_norm(x, tx, shift, tshift, scale, tscale, eps: float):
+    """LayerNorm (no affine, high precision) -> x (1 + scale) + shift -> x's dtype."""
+    n, tn = T.layer_norm(x, tx, eps)
+    return T.cast(*T.modulate(n, tn, shift, tshift, scale, tscale), x.dtype)
+
+
+@fused
+def _affine_norm(x, tx, weight, bias, eps: float):
+    return T.cast(*T.layer_norm(x, tx, eps, weight, bias), x.dtype)
+
+
+@fused
+def _gated_residual(x, tx, a, ta, bias, gate, tgate):
+    """x + (a + bias) * gate in the gate's (high) precision -> x's dtype."""
+    if bias is not None:
+        a = a + bias
+    return T.cast(*T.gated_residual(x, tx, a, ta, gate, tgate), x.dtype)
+
+
+@fused
+def _residual(x, tx, a, ta, bias):
+    if bias is not None:
+        a = a + bias
+    return T.add(x, tx, a, ta)
+
+
 class WanBlock(torch.nn.Module):
     def __init__(self, config: WanConfig, cfg, high_dtype: torch.dtype):
         super().__init__()
@@ -110,29 +138,26 @@ class WanBlock(torch.nn.Module):
         self.modulation = torch.nn.Parameter(torch.randn(1, 6, h, dtype=high_dtype) / h**0.5)
 
     def forward(self, x, tx, t_proj, tt_proj, rope, context):
-        """x [s, b, h]; t_proj [b, 6, h] (high precision) and its tangent."""
-        dtype = x.dtype
+        """x [s, b, h]; t_proj [b, 6, h] (high precision) and its tangent; rope = (cos, sin)."""
         e = replicate_for_sequence_parallel(self.modulation + t_proj, self.cfg)
         mods = [m[None] for m in e.unbind(1)]  # each [1, b, h]
         tmods = [None] * 6 if tt_proj is None else [m[None] for m in tt_proj.unbind(1)]
         shift, scale, gate, c_shift, c_scale, c_gate = mods
         tshift, tscale, tgate, tc_shift, tc_scale, tc_gate = tmods
 
-        n, tn = T.layer_norm(x, tx, self.eps)
-        n, tn = T.cast(*T.modulate(n, tn, shift, tshift, scale, tscale), dtype)
-        a, ta = self.self_attention(n, tn, rope=rope)
-        x, tx = T.cast(*T.gated_residual(x, tx, a, ta, gate, tgate), dtype)
+        n, tn = _modulated_norm(x, tx, shift, tshift, scale, tscale, self.eps)
+        a, ta, bias = self.self_attention(n, tn, rope=rope, add_bias=False)
+        x, tx = _gated_residual(x, tx, a, ta, bias, gate, tgate)
 
         w = replicate_for_sequence_parallel(self.cross_attention_norm.weight, self.cfg)
         b = replicate_for_sequence_parallel(self.cross_attention_norm.bias, self.cfg)
-        n, tn = T.cast(*T.layer_norm(x, tx, self.eps, w, b), dtype)
-        a, ta = self.cross_attention(n, tn, context=context)
-        x, tx = T.add(x, tx, a, ta)
+        n, tn = _affine_norm(x, tx, w, b, self.eps)
+        a, ta, bias = self.cross_attention(n, tn, context=context, add_bias=False)
+        x, tx = _residual(x, tx, a, ta, bias)
 
-        n, tn = T.layer_norm(x, tx, self.eps)
-        n, tn = T.cast(*T.modulate(n, tn, c_shift, tc_shift, c_scale, tc_scale), dtype)
-        f, tf = self.mlp(n, tn)
-        return T.cast(*T.gated_residual(x, tx, f, tf, c_gate, tc_gate), dtype)
+        n, tn = _modulated_norm(x, tx, c_shift, tc_shift, c_scale, tc_scale, self.eps)
+        f, tf, bias = self.mlp(n, tn, add_bias=False)
+        return _gated_residual(x, tx, f, tf, bias, c_gate, tc_gate)
 
 
 class WanModel(torch.nn.Module):
@@ -186,8 +211,7 @@ class WanModel(torch.nn.Module):
             ang = rope_angles(grid, self.config.attention_head_dim, self.config.rope_theta, device=device)
             ang = ang.to(self.high_dtype)[:, None, None, :]
             self._rope_cache = {key: (torch.cos(ang), torch.sin(ang))}
-        cos, sin = self._rope_cache[key]
-        return lambda x: apply_rope_interleaved(x, cos, sin)
+        return self._rope_cache[key]
 
     def _run(self, latents, timestep, text, tlatents, ttimestep):
         c = self.config

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Wan DiT forward (and JVP pass) time and peak memory: megatron-rcm next to diffusers, same weights, one GPU.
+
+  python benchmarks/wan_forward.py --preset wan2.1-t2v-1.3b --latent 16 21 60 104 --out wan_forward.json
+
+Random weights (diffusers' init), bf16, batch 1, 512 text tokens. diffusers runs with its default attention
+dispatch and with SDPA forced to cuDNN; ours with its own backend choice (see models/attention.py).
+"""
+
+import argparse
+import json
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+
+def timed(fn, iters: int, warmup: int = 2):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return {"ms_median": times[len(times) // 2], "ms_min": times[0],
+            "peak_activation_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="wan2.1-t2v-1.3b")
+    p.add_argument("--latent", type=int, nargs=4, default=[16, 21, 60, 104], metavar=("C", "T", "H", "W"))
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--skip-jvp", action="store_true")
+    p.add_argument("--out")
+    args = p.parse_args()
+
+    from diffusers import WanTransformer3DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from megatron_rcm.checkpoint import wan as wan_keys
+    from megatron_rcm.checkpoint.sharding import load_full_state_dict
+    from megatron_rcm.models.attention import attention_backend
+    from megatron_rcm.models.wan import PRESETS, WanModel
+
+    cfg = PRESETS[args.preset]
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    t0 = time.time()
+    with torch.device(dev):
+        ref = WanTransformer3DModel(**{k: v for k, v in cfg.to_diffusers().items() if k != "_class_name"})
+    ref = ref.to(torch.bfloat16).eval()
+    ours = WanModel(cfg, params_dtype=torch.bfloat16, perform_initialization=False).to(dev)
+    load_full_state_dict(ours, wan_keys.hf_to_mcore(ref.state_dict(), cfg.num_attention_heads))
+    ours.eval()
+    build_s = time.time() - t0
+
+    c, f, h, w = args.latent
+    x = torch.randn(1, c, f, h, w, device=dev, dtype=torch.bfloat16)
+    t = torch.tensor([500.0], device=dev)
+    text = torch.randn(1, 512, cfg.text_dim, device=dev, dtype=torch.bfloat16)
+    tokens = f * (h // 2) * (w // 2)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset,
+               "latent": args.latent, "tokens": tokens, "our_attention_backend": attention_backend("cuda", 9),
+               "build_s": build_s}
+
+    with torch.no_grad():
+        results["diffusers_default"] = timed(lambda: ref(x, t, text, return_dict=False), args.iters)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            results["diffusers_cudnn"] = timed(lambda: ref(x, t, text, return_dict=False), args.iters)
+        results["ours_forward"] = timed(lambda: ours(x, t, text), args.iters)
+        a = ref(x, t, text, return_dict=False)[0].float()
+        b = ours(x, t, text).float()
+        results["ours_vs_diffusers_rel_err"] = ((a - b).norm() / a.norm()).item()
+    if not args.skip_jvp:
+        tx, tt = torch.randn_like(x), torch.tensor([1.0], device=dev)
+        t1 = time.time()
+        ours.jvp(x, t, text, tx, tt)
+        torch.cuda.synchronize()
+        results["ours_jvp_first_call_s"] = time.time() - t1
+        results["ours_jvp"] = timed(lambda: ours.jvp(x, t, text, tx, tt), args.iters)
+    for k in ("diffusers_default", "diffusers_cudnn", "ours_forward"):
+        print(f"{k:20s} {results[k]['ms_median']:8.1f} ms  peak +{results[k]['peak_activation_gib']:.2f} GiB")
+    print(f"ours / diffusers_default = {results['ours_forward']['ms_median'] / results['diffusers_default']['ms_median']:.3f}")
+    if "ours_jvp" in results:
+        print(f"{'ours_jvp':20s} {results['ours_jvp']['ms_median']:8.1f} ms  peak +{results['ours_jvp']['peak_activation_gib']:.2f} GiB")
+    print(json.dumps(results, indent=2))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -467,7 +467,9 @@ class CosmosModel(torch.nn.Module):
             if size % p:
                 raise ValueError(f"latent {axis}={size} is not divisible by the patch size {p}")
         grid = tuple(s // p for s, p in zip(latents.shape[2:], c.patch_size))
-        if any(g > m for g, m in zip(grid, self.grid_max)):
+        # RoPE tables cover max(grid_max) positions on every axis (as diffusers'); learned tables their own sizes
+        limits = self.grid_max if c.extra_pos_embed_type == "learnable" else (max(self.grid_max),) * 3
+        if any(g > m for g, m in zip(grid, limits)):
             raise ValueError(f"latent grid {grid} exceeds the model's max_size {c.max_size} / patch {c.patch_size}")
         if not (timestep.dim() == 1 and timestep.shape[0] == b) and not (
                 timestep.dim() == 2 and timestep.shape == (b, f) and c.patch_size[0] == 1):

@@ -122,7 +122,7 @@ def test_bad_inputs_are_named(pair):
     with pytest.raises(ValueError, match="text must be"):
         ours(x, t, text[..., :8])
     with pytest.raises(ValueError, match="exceeds the model's max_size"):
-        ours(torch.zeros(1, 4, 9, 2, 2), t[:1], text[:1])
+        ours(torch.zeros(1, 4, 9, 2, 2), t[:1], text[:1])  # 9 frames > max_size 8 (tables cover 8)
 
 
 def test_diffusers_megatron_diffusers_round_trip_is_bit_exact(tmp_path, pair):

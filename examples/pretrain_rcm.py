@@ -1,0 +1,58 @@
+"""rCM distillation (sCM + DMD-style score regularizer) of a Wan2.1 DiT, Megatron style.
+
+    torchrun --nproc_per_node=2 examples/pretrain_rcm.py                      # the tiny CPU default
+    torchrun --nproc_per_node=8 examples/pretrain_rcm.py --config examples/configs/wan2.1-t2v-1.3b-480p.yaml \\
+        model.teacher=/path/to/Wan2.1-T2V-1.3B-Diffusers data.path=/path/to/latent_shards run_dir=runs/wan13b
+
+Configuration: the dataclass tree of `megatron_rcm.training.config` (defaults = the tiny default) <- `--config`
+YAML <- `key.sub=value` overrides. Re-running the same command with the same `run_dir` resumes from the latest
+checkpoint. Outputs in `run_dir`: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, ema/ (the exported EMA).
+"""
+
+import argparse
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _repo_relative(path: str) -> str:
+    """Shipped assets are named relative to the repository; accept them from any working directory."""
+    if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(os.path.join(REPO, path)):
+        return os.path.join(REPO, path)
+    return path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML file (see examples/configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.train_iters=100")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from megatron_rcm.training.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    config.model.teacher = _repo_relative(config.model.teacher)
+    config.logging.classifier = _repo_relative(config.logging.classifier)
+
+    from megatron_rcm.parallel import destroy_parallel
+    from megatron_rcm.training.trainer import Trainer
+
+    try:
+        trainer = Trainer(config)
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    try:
+        trainer.train()
+    finally:
+        destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""The training configuration: one dataclass tree, YAML files, dotted command-line overrides.
+
+    config = load_config("examples/configs/wan2.1-t2v-1.3b-480p.yaml", ["training.train_iters=20"])
+
+Sections: `model`, `parallel`, `rcm` (the objective, `megatron_rcm.diffusion.RCMConfig`), `optimizer`,
+`training`, `data`, `logging`, `checkpoint`. Unknown keys (in a file or an override) are errors. The
+resolved tree is written next to every checkpoint (`config.yaml`).
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from megatron_rcm.data.shapes import ShapesConfig
+from megatron_rcm.diffusion.config import RCMConfig
+from megatron_rcm.models.wan import WanConfig
+
+TINY_SHAPES_MODEL = WanConfig(num_attention_heads=4, attention_head_dim=16, ffn_dim=128, num_layers=3, in_channels=3,
+                              out_channels=3, text_dim=16, freq_dim=32, patch_size=(1, 4, 4))
+"""The tiny Wan-architecture DiT of the CPU default (195K parameters; pixel-space "latents" 3 x 8 x 16 x 16)."""
+
+TINY_SHAPES_DATA = ShapesConfig(frames=8, size=16, radius=3, speed=1)
+
+
+def tiny_rcm() -> RCMConfig:
+    """The objective of the tiny default (the paper's values scaled to a 6K-element sample and ~600 iterations:
+    short tangent warm-up, more frequent student steps, lambda raised as DESIGN §2 explains)."""
+    return RCMConfig(dmd_weight=0.1, p_mean=-0.8 + 0.5 * 2.0794415416798357, p_std=1.6, guidance=3.0,
+                     tangent_warmup=100, student_update_freq=2, ema_sigma_rel=0.1)
+
+
+MODEL_PRESETS = {"wan-shapes-tiny": ("wan", TINY_SHAPES_MODEL)}
+"""Presets of the training configs, next to `megatron_rcm.models.PRESETS`."""
+
+
+def model_preset(name: str):
+    """(architecture name, config) of a preset name (ours or `megatron_rcm.models.PRESETS`)."""
+    from megatron_rcm.models import PRESETS
+
+    if name in MODEL_PRESETS:
+        return MODEL_PRESETS[name]
+    if name in PRESETS:
+        return PRESETS[name]
+    raise ValueError(f"unknown model preset {name!r}; known: {sorted(set(PRESETS) | set(MODEL_PRESETS))}")
+
+
+@dataclass
+class ModelConfig:
+    """The four networks: `teacher` (frozen), `student` and `critic` (initialised from the teacher), `ema`."""
+
+    preset: str = "wan-shapes-tiny"
+    """Architecture preset (`megatron_rcm.models.PRESETS` or `wan-shapes-tiny`). The teacher checkpoint must
+    match it."""
+    teacher: str = "examples/assets/shapes-teacher"
+    """Teacher checkpoint: a diffusers folder, a pipeline folder, an original release or a megatron-rcm checkpoint.
+    Empty: random weights (scale probes only)."""
+    params_dtype: str = "float32"
+    """dtype of the large layers of every network (`bfloat16` at scale); time embedding, modulation, norms and
+    head stay fp32."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism inside each tensor-parallel group."""
+    critic_from_teacher: bool = True
+    """Initialise the critic (fake score) from the teacher (the paper's choice); else from the student."""
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; data-parallel size = world size / (TP x CP x PP)."""
+
+    tensor_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    backend: str = "auto"
+    """`auto` (NCCL with CUDA, else gloo), `nccl` or `gloo`."""
+    grad_sync: str = "auto"
+    """Gradient synchronisation and optimizer: `megatron` (megatron-core DDP + distributed optimizer; CUDA only),
+    `torch` (plain all-reduce over the DP group + torch AdamW; any device), `auto` (megatron on CUDA)."""
+    use_distributed_optimizer: bool = True
+    """With `megatron` grad sync: shard optimizer state over the DP group (ZeRO-1)."""
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam for the student and the critic (each with its own optimizer and LR schedule)."""
+
+    student_lr: float = 1e-4
+    """Tiny default; the paper: 2e-6 (Wan 1.3B), 1e-6 (14B)."""
+    critic_lr: float = 1e-4
+    """Tiny default; the paper: 4e-7 (Wan 1.3B), 1e-7 (14B)."""
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+    lr_warmup_iters: int = 20
+    """Linear LR warm-up, counted in each network's own steps."""
+    clip_grad: float = 0.0
+    """Gradient-norm clipping; 0 = off (the paper: no clipping is crucial)."""
+
+
+@dataclass
+class TrainingLoopConfig:
+    """Iterations, batches, seeds."""
+
+    train_iters: int = 600
+    global_batch_size: int = 16
+    """Samples per iteration over all DP ranks; must be divisible by micro_batch_size x DP size."""
+    micro_batch_size: int = 8
+    seed: int = 1234
+    """Base seed; every random draw of iteration i on DP rank d comes from a generator seeded by (seed, i, d)."""
+    threads: int = 1
+    """torch threads per process on CPU (0: leave torch's default)."""
+    nan_iterations: tuple[int, ...] = ()
+    """Fault injection for tests: the loss of these iterations is made NaN (the step must be skipped)."""
+
+
+@dataclass
+class TrainingDataConfig:
+    """Training data."""
+
+    source: str = "shapes"
+    """`shapes` (the procedural set, no files), `latents` (latent shards) or `videos` (a manifest, encoded online)."""
+    path: str = ""
+    """The shard folder or manifest (`latents` / `videos`)."""
+    negative_text_embedding: str = ""
+    """`latents` / `videos`: a torch file holding the negative prompt's embedding `[L, text_dim]`."""
+    frames: int = 8
+    """Video frames (shapes: pixel frames; videos: decoded frames)."""
+    size: int = 16
+    """Shapes: height = width in pixels."""
+    radius: int = 3
+    """Shapes: half-size of a shape."""
+    speed: int = 1
+    """Shapes: pixels per frame."""
+    height: int = 480
+    width: int = 832
+    """`videos`: frame size."""
+    model: str = ""
+    """`videos`: the diffusers Wan folder with vae/ and text_encoder/."""
+
+    def shapes(self) -> ShapesConfig:
+        return ShapesConfig(frames=self.frames, size=self.size, radius=self.radius, speed=self.speed)
+
+
+@dataclass
+class LoggingConfig:
+    """Console, TensorBoard and sample evaluation."""
+
+    log_interval: int = 10
+    tensorboard: bool = True
+    eval_interval: int = 100
+    """Every this many iterations (and at the first and last): 1/2/4-step samples of the EMA and the student,
+    prompt-alignment score and feature distance against the teacher's multi-step samples. 0 = off."""
+    eval_samples: int = 48
+    """Prompts per evaluation (shapes set: all 48 prompts once)."""
+    eval_student_steps: tuple[int, ...] = (1, 2, 4)
+    teacher_eval_steps: int = 32
+    """Steps of the teacher's reference sampler."""
+    teacher_solver: str = "unipc"
+    teacher_shift: float = 1.0
+    classifier: str = "examples/assets/shapes-classifier.pt"
+    """Prompt-alignment classifier of the shapes set (made by examples/pretrain_flow.py)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Training checkpoints (`<run_dir>/checkpoints/iter_XXXXXXX`, `latest` pointer)."""
+
+    save_interval: int = 200
+    """0 = only at the end and on a signal."""
+    keep_last: int = 2
+    """Older checkpoints are deleted (0 = keep all)."""
+    save_on_signal: bool = True
+    """Save and exit on SIGTERM / SIGUSR1 (Slurm pre-emption)."""
+    save_at_end: bool = True
+    exit_after_iteration: int = 0
+    """Test hook: stop (without saving) after this iteration, as a crash would. 0 = off."""
+
+
+@dataclass
+class TrainingConfig:
+    """Everything one rCM run needs. The defaults are the tiny CPU default (examples/configs/shapes-tiny.yaml)."""
+
+    run_dir: str = "runs/rcm-shapes-tiny"
+    """Checkpoints, TensorBoard events, the resolved config. Re-running into the same folder resumes."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rcm: RCMConfig = field(default_factory=tiny_rcm)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingLoopConfig = field(default_factory=TrainingLoopConfig)
+    data: TrainingDataConfig = field(default_factory=TrainingDataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dict / YAML / overrides
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (unknown key, wrong type, inconsistent sizes)."""
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item = args[0] if args else object
+        return tuple(_coerce(v, item, where) for v in value)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {typing.get_args(tp)}, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from a (nested) dict; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; "
+                          f"valid keys{' of ' + where.rstrip('.') if where else ''}: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}{k}") for k, v in data.items()}
+    try:
+        return cls(**{**_defaults(cls), **kwargs})
+    except ValueError as e:
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: {e}") from None
+
+
+def _defaults(cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def to_dict(config) -> dict:
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain(config)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, booleans, lists)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            raise ConfigError(f"override {override!r}: {p!r} is not a config section")
+        node = node[p]
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: cannot parse the value ({e})") from None
+    node[parts[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainingConfig:
+    """Defaults <- YAML file <- dotted overrides, validated."""
+    data = to_dict(TrainingConfig())
+    if path:
+        with open(path) as f:
+            file_data = yaml.safe_load(f) or {}
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        _merge(data, file_data, path)
+    for o in overrides:
+        apply_override(data, o)
+    return from_dict(TrainingConfig, data)
+
+
+def _merge(base: dict, new: dict, where: str, prefix: str = "") -> None:
+    for k, v in new.items():
+        if k not in base:
+            raise ConfigError(f"{where}: unknown config key {prefix + k!r}; valid keys"
+                              f"{' of ' + prefix.rstrip('.') if prefix else ''}: {sorted(base)}")
+        if isinstance(base[k], dict) and isinstance(v, dict):
+            _merge(base[k], v, where, f"{prefix}{k}.")
+        else:
+            base[k] = v
+
+
+def dump_config(config: TrainingConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,91 @@
+"""Training batches per data-parallel rank, as micro-batches of (clean latents x0, text embedding).
+
+The shapes source is a pure function of the sample index: the data position is the number of consumed samples,
+and iteration i on DP rank d reads samples [consumed + d * per_rank, consumed + (d + 1) * per_rank). The file
+sources (`latents`, `videos`) wrap `megatron_rcm.data.build_data_loader` and carry its resumable state.
+"""
+
+import os
+
+import torch
+
+from megatron_rcm.data.shapes import ShapesDataset, ShapesTextEncoder
+from megatron_rcm.training.config import TrainingConfig
+
+
+class ShapesBatches:
+    """The procedural shapes set with the tiny text encoder."""
+
+    def __init__(self, config: TrainingConfig, text_dim: int, dp_rank: int, dp_size: int, device):
+        t = config.training
+        self.dataset = ShapesDataset(config.data.shapes(), seed=t.seed)
+        self.encoder = ShapesTextEncoder(dim=text_dim)
+        self.micro, self.num_micro = t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dp_size)
+        self.per_rank = self.micro * self.num_micro
+        self.global_batch, self.dp_rank, self.device = t.global_batch_size, dp_rank, device
+        self.consumed_samples = 0
+
+    def negative_text(self) -> torch.Tensor:
+        return self.encoder.negative(1).to(self.device)
+
+    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        start = self.consumed_samples + self.dp_rank * self.per_rank
+        out = []
+        for m in range(self.num_micro):
+            x0, caps = self.dataset.batch(range(start + m * self.micro, start + (m + 1) * self.micro))
+            out.append((x0.to(self.device), self.encoder.encode(caps).to(self.device)))
+        self.consumed_samples += self.global_batch
+        return out
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
+
+
+class LoaderBatches:
+    """Latent shards or encoded videos (megatron_rcm.data.build_data_loader), one loader per DP rank."""
+
+    def __init__(self, config: TrainingConfig, dp_rank: int, dp_size: int, device):
+        from megatron_rcm.data.sources import DataConfig, build_data_loader
+
+        d, t = config.data, config.training
+        if not d.negative_text_embedding or not os.path.isfile(d.negative_text_embedding):
+            raise FileNotFoundError(f"data.negative_text_embedding must name a torch file with the negative prompt's "
+                                    f"embedding [L, text_dim], got {d.negative_text_embedding!r}")
+        self.loader = build_data_loader(
+            DataConfig(source=d.source, path=d.path, batch_size=t.micro_batch_size, seed=t.seed, model=d.model,
+                       frames=d.frames, height=d.height, width=d.width), dp_rank=dp_rank, dp_size=dp_size,
+            device=device)
+        self.neg = torch.load(d.negative_text_embedding, map_location="cpu").float()
+        self.num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
+        self.global_batch, self.device = t.global_batch_size, device
+        self.consumed_samples = 0
+
+    def negative_text(self) -> torch.Tensor:
+        neg = self.neg if self.neg.dim() == 3 else self.neg[None]
+        return neg.to(self.device)
+
+    def next(self):
+        out = []
+        for _ in range(self.num_micro):
+            b = next(self.loader)
+            out.append((b["latent"].to(self.device), b["text_embedding"].to(self.device)))
+        self.consumed_samples += self.global_batch
+        return out
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples, "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
+        self.loader.load_state_dict(state["loader"])
+
+
+def build_batches(config: TrainingConfig, text_dim: int, dp_rank: int, dp_size: int, device):
+    if config.data.source == "shapes":
+        return ShapesBatches(config, text_dim, dp_rank, dp_size, device)
+    if config.data.source in ("latents", "videos"):
+        return LoaderBatches(config, dp_rank, dp_size, device)
+    raise ValueError(f"data.source must be shapes, latents or videos, got {config.data.source!r}")

@@ -1,0 +1,248 @@
+"""One interface for "a trainable network + its optimizer + gradient synchronisation + LR schedule".
+
+The loop sees only `Trainable`: `zero_grad()`, forward through `.net`, `backward`, `step() -> StepResult`,
+`state_dict()` / `load_state_dict()`. Two implementations:
+
+- `MegatronTrainable` (CUDA): megatron-core `DistributedDataParallel` (contiguous fp32 grad buffers) +
+  `get_megatron_optimizer` (Adam, distributed optimizer over the DP group) + `OptimizerParamScheduler`.
+- `TorchTrainable` (any device; the CPU/gloo path): the thinnest substitute, because megatron's DDP buffers, the
+  distributed optimizer and the schedules allocate on CUDA (DESIGN §4): one flat all-reduce of the grads over the
+  DP(xCP) group + `torch.optim.AdamW` with the same settings + the same `OptimizerParamScheduler`.
+
+Both: loss normalisation "mean over DP x CP" (grads are averaged over that group), NaN/inf grads zeroed and counted
+before the reduction, optional clipping (off by default), LR warm-up counted in this network's own steps.
+"""
+
+import abc
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_rcm.training.config import OptimizerConfig
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one optimizer step did."""
+
+    grad_norm: float
+    """L2 norm of the synchronised gradient (before clipping), over the whole model."""
+    num_nan_grads: int
+    """Gradient elements that were NaN/inf and were zeroed (summed over ranks)."""
+    lr: float
+    skipped: bool = False
+
+
+def grad_sync_group():
+    """Gradients of replicated parameters are averaged over data-parallel x context-parallel ranks."""
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def _scheduler(optimizer, lr: float, cfg: OptimizerConfig, train_iters: int) -> OptimizerParamScheduler:
+    # constant LR after a linear warm-up; megatron's scheduler works on any optimizer with param_groups
+    warmup = max(0, cfg.lr_warmup_iters)
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=lr, min_lr=lr, lr_warmup_steps=warmup,
+        lr_decay_steps=max(train_iters, warmup + 1), lr_decay_style="constant",
+        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=max(train_iters, 1),
+        wd_incr_style="constant")
+
+
+class Trainable(abc.ABC):
+    """A network with its optimizer and LR schedule. `net` is what forward passes call (with grad)."""
+
+    name: str
+    module: torch.nn.Module
+    """The bare network (for no-grad and JVP passes, EMA, export)."""
+    net: torch.nn.Module
+    """What with-grad passes call (a DDP wrapper on the megatron path)."""
+    scheduler: OptimizerParamScheduler
+
+    @abc.abstractmethod
+    def zero_grad(self) -> None: ...
+
+    @abc.abstractmethod
+    def step(self, skip: bool = False) -> StepResult:
+        """Synchronise grads over DP x CP, zero NaNs, (clip), advance the LR schedule and update.
+        `skip=True` (a NaN loss somewhere): synchronise nothing, drop the grads, leave weights and schedule."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict:
+        """Everything to resume: weights (this model-parallel rank), optimizer, scheduler. Collective on the
+        megatron path (the distributed optimizer gathers its shards)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_lr(self.optimizer.param_groups[0]))
+
+
+def _count_and_zero_nonfinite(tensors) -> int:
+    n = 0
+    for g in tensors:
+        bad = ~torch.isfinite(g)
+        k = int(bad.sum())
+        if k:
+            g.masked_fill_(bad, 0.0)
+            n += k
+    return n
+
+
+class TorchTrainable(Trainable):
+    """Plain torch: grads in `param.grad`, one flat all-reduce (average) over DP x CP, AdamW."""
+
+    def __init__(self, name: str, module: torch.nn.Module, lr: float, cfg: OptimizerConfig, train_iters: int):
+        self.name, self.module, self.net, self.cfg = name, module, module, cfg
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        self.scheduler = _scheduler(self.optimizer, lr, cfg, train_iters)
+        self.group = grad_sync_group()
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def _grads(self):
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params]
+
+    def step(self, skip: bool = False) -> StepResult:
+        if skip:
+            self.zero_grad()
+            return StepResult(float("nan"), 0, self.lr, skipped=True)
+        grads = self._grads()
+        nan = torch.tensor([_count_and_zero_nonfinite(grads)], dtype=torch.float64)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [nan.to(grads[0].dtype)])
+        world = dist.get_world_size(self.group)
+        if world > 1:
+            dist.all_reduce(flat, group=self.group)
+            num_nan = int(flat[-1].item())
+            flat = flat[:-1] / world
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        else:
+            num_nan = int(nan.item())
+        grad_norm = _global_norm(self.params, grads)
+        if self.cfg.clip_grad > 0 and grad_norm > self.cfg.clip_grad:
+            for g in grads:
+                g.mul_(self.cfg.clip_grad / (grad_norm + 1e-6))
+        self.scheduler.step(1)
+        self.optimizer.step()
+        self.zero_grad()
+        return StepResult(grad_norm, num_nan, self.lr)
+
+    def state_dict(self) -> dict:
+        return {"model": {k: v.clone() for k, v in self.module.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _global_norm(params, grads) -> float:
+    """L2 norm of the full gradient: tensor-parallel shards add up over the TP group; TP-replicated parameters
+    carry complete grads on every TP rank (see models/blocks.py) and count once."""
+    sharded = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    replicated = torch.zeros_like(sharded)
+    for p, g in zip(params, grads):
+        sq = g.double().pow(2).sum()
+        if getattr(p, "tensor_model_parallel", False):
+            sharded += sq
+        else:
+            replicated += sq
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sharded, group=parallel_state.get_tensor_model_parallel_group())
+    return math.sqrt(float(sharded + replicated))
+
+
+class MegatronTrainable(Trainable):
+    """megatron-core DDP + `get_megatron_optimizer` (Adam, optionally the distributed optimizer) on CUDA."""
+
+    def __init__(self, name: str, module: torch.nn.Module, lr: float, cfg: OptimizerConfig, train_iters: int,
+                 use_distributed_optimizer: bool = True):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.transformer import TransformerConfig
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("the megatron grad-sync path needs CUDA; use parallel.grad_sync=torch on CPU")
+        self.name, self.module, self.cfg = name, module, cfg
+        dtype = next(module.parameters()).dtype
+        c = module.config
+        tcfg = TransformerConfig(num_layers=c.num_layers, hidden_size=c.hidden_size,
+                                 num_attention_heads=c.num_attention_heads,
+                                 tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+                                 context_parallel_size=parallel_state.get_context_parallel_world_size(),
+                                 bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype)
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=use_distributed_optimizer,
+                                                check_for_nan_in_grad=False)
+        self.net = DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=module)
+        ocfg = MegatronOptimizerConfig(optimizer="adam", lr=lr, min_lr=lr, weight_decay=cfg.weight_decay,
+                                       adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+                                       clip_grad=cfg.clip_grad, bf16=dtype == torch.bfloat16,
+                                       fp16=dtype == torch.float16, params_dtype=dtype,
+                                       use_distributed_optimizer=use_distributed_optimizer)
+        self.optimizer = get_megatron_optimizer(ocfg, [self.net])
+        self.scheduler = _scheduler(self.optimizer, lr, cfg, train_iters)
+        self.use_distributed_optimizer = use_distributed_optimizer
+
+    def zero_grad(self) -> None:
+        self.net.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self, skip: bool = False) -> StepResult:
+        if skip:
+            self.zero_grad()
+            return StepResult(float("nan"), 0, self.lr, skipped=True)
+        grads = [p.main_grad for p in self.module.parameters() if p.requires_grad]
+        nan = torch.tensor([float(_count_and_zero_nonfinite(grads))], device=grads[0].device)
+        dist.all_reduce(nan, group=grad_sync_group())
+        self.net.finish_grad_sync()  # averages over DP x CP (reduce-scatter with the distributed optimizer)
+        grad_norm = float(self.optimizer.get_grad_norm())
+        self.scheduler.step(1)
+        ok, _, _ = self.optimizer.step()
+        self.zero_grad()
+        return StepResult(grad_norm, int(nan.item()), self.lr, skipped=not ok)
+
+    def state_dict(self) -> dict:
+        state = {"model": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.use_distributed_optimizer:
+            # gathered to DP rank 0 in a DP-size independent layout: a checkpoint from 2 GPUs resumes on 1
+            state["optimizer_param_state"] = self.optimizer.get_parameter_state_dp_zero()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.use_distributed_optimizer:
+            self.optimizer.load_parameter_state_from_dp_zero(state.get("optimizer_param_state"))
+        self.optimizer.reload_model_params()
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def make_trainable(kind: str, name: str, module, lr, cfg: OptimizerConfig, train_iters: int,
+                   use_distributed_optimizer: bool = True) -> Trainable:
+    if kind == "auto":
+        kind = "megatron" if torch.cuda.is_available() else "torch"
+    if kind == "megatron":
+        return MegatronTrainable(name, module, lr, cfg, train_iters, use_distributed_optimizer)
+    if kind == "torch":
+        return TorchTrainable(name, module, lr, cfg, train_iters)
+    raise ValueError(f"parallel.grad_sync must be auto, megatron or torch, got {kind!r}")

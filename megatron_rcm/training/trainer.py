@@ -1,0 +1,418 @@
+"""The rCM training loop: student (trainable), teacher (frozen), critic (trainable, from the teacher), EMA.
+
+One iteration = one phase (`PhaseSchedule`: student or critic) over `num_micro` micro-batches, then one optimizer
+step of that phase's network. Per micro-batch the no-grad passes (teacher with CFG, the student's JVP, rollouts,
+the DMD gradient from critic and teacher) and the single with-grad pass are separate calls, so that a pipeline
+schedule can later replace the with-grad pass alone.
+
+Random draws: iteration i, micro-batch m on data-parallel rank d use a generator seeded by (seed, i, m, d): the
+same on all TP/CP/PP ranks of a DP rank, different across DP ranks, and independent of restarts.
+"""
+
+import json
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_rcm import diffusion as D
+from megatron_rcm.models import build_model, from_pretrained
+from megatron_rcm.models.loading import ARCHITECTURES, config_to_dict, inspect_checkpoint, save_megatron
+from megatron_rcm.parallel import state
+from megatron_rcm.training import checkpointing
+from megatron_rcm.training.config import ConfigError, TrainingConfig, dump_config, model_preset
+from megatron_rcm.training.data import build_batches
+from megatron_rcm.training.logger import TrainingLogger
+from megatron_rcm.training.trainable import make_trainable
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate(config: TrainingConfig, world_size: int) -> int:
+    """Checks that need no process group and no file reads beyond the teacher's header; returns the DP size.
+    Raises ConfigError / FileNotFoundError with a message that says what to change."""
+    p, t = config.parallel, config.training
+    mp = p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size
+    if min(p.tensor_model_parallel_size, p.context_parallel_size, p.pipeline_model_parallel_size) < 1:
+        raise ConfigError("parallel sizes must be >= 1")
+    if world_size % mp:
+        raise ConfigError(f"world size {world_size} is not divisible by tensor ({p.tensor_model_parallel_size}) x "
+                          f"context ({p.context_parallel_size}) x pipeline ({p.pipeline_model_parallel_size}) "
+                          f"parallel sizes = {mp}")
+    if p.context_parallel_size > 1:
+        raise ConfigError("context parallelism is not wired into the DiT / training loop yet (set "
+                          "parallel.context_parallel_size=1; use tensor parallelism + sequence parallelism)")
+    if p.pipeline_model_parallel_size > 1:
+        raise ConfigError("pipeline parallelism is not wired into the training loop yet (set "
+                          "parallel.pipeline_model_parallel_size=1)")
+    dp = world_size // mp
+    if t.micro_batch_size < 1 or t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
+                          f"training.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = "
+                          f"{t.micro_batch_size * dp}")
+    if t.train_iters < 1:
+        raise ConfigError("training.train_iters must be >= 1")
+    if config.model.params_dtype not in DTYPES:
+        raise ConfigError(f"model.params_dtype must be one of {sorted(DTYPES)}, got {config.model.params_dtype!r}")
+    arch_name, preset = model_preset(config.model.preset)
+    if preset.num_attention_heads % p.tensor_model_parallel_size:
+        raise ConfigError(f"{preset.num_attention_heads} attention heads are not divisible by tensor parallel size "
+                          f"{p.tensor_model_parallel_size}")
+    check_teacher(config)
+    return dp
+
+
+def check_teacher(config: TrainingConfig) -> None:
+    """The teacher path exists and holds the configured architecture."""
+    path = config.model.teacher
+    if not path:
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model.teacher: {path!r} does not exist (the tiny default's teacher is made by "
+                                f"examples/pretrain_flow.py)")
+    arch_name, preset = model_preset(config.model.preset)
+    arch, found, _, _ = inspect_checkpoint(path)
+    if arch.name != arch_name or found != preset:
+        a, b = config_to_dict(found), config_to_dict(preset)
+        diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+        raise ConfigError(f"model.teacher {path!r} does not match model.preset {config.model.preset!r}: "
+                          f"(checkpoint, preset) differ in {diff}")
+
+
+class Trainer:
+    def __init__(self, config: TrainingConfig):
+        self.config = c = config
+        self.dp_size = validate(c, world_size_from_env())
+        if c.training.threads > 0 and not torch.cuda.is_available():
+            torch.set_num_threads(c.training.threads)
+        backend = None if c.parallel.backend == "auto" else c.parallel.backend
+        state.initialize_parallel(c.parallel.tensor_model_parallel_size, c.parallel.context_parallel_size,
+                                  c.parallel.pipeline_model_parallel_size, backend=backend)
+        self.rank = dist.get_rank()
+        self.dp_rank = state.dp_rank()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+            torch.device("cpu")
+        torch.manual_seed(c.training.seed)  # model init of random-weight runs; same on all ranks
+        self.schedule = D.PhaseSchedule(c.rcm)
+        self.log = TrainingLogger(c.run_dir, self.rank == 0, c.logging.tensorboard, c.training.train_iters,
+                                  c.logging.log_interval)
+        self._build_models()
+        self.batches = build_batches(c, self.model_config.text_dim, self.dp_rank, self.dp_size, self.device)
+        self.neg_text = self.batches.negative_text()
+        self.iteration = 0
+        self.evaluator = None
+        self._signal = False
+        self.records: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------------------
+    def _build_models(self):
+        c = self.config
+        dtype = DTYPES[c.model.params_dtype]
+        sp = c.model.sequence_parallel
+        arch_name, preset = model_preset(c.model.preset)
+        self.arch, self.model_config = ARCHITECTURES[arch_name], preset
+        if c.model.teacher:
+            teacher = from_pretrained(c.model.teacher, params_dtype=dtype, sequence_parallel=sp, device=self.device)
+        else:
+            teacher = build_model(self.arch, preset, dtype, sp, self.device)
+        teacher.requires_grad_(False).eval()
+
+        def clone(src):
+            net = build_model(self.arch, preset, dtype, sp, self.device, perform_initialization=False)
+            net.load_state_dict(src.state_dict())
+            return net
+
+        student = clone(teacher).requires_grad_(True)
+        critic = clone(teacher if c.model.critic_from_teacher else student).requires_grad_(True)
+        self.ema_module = clone(student).requires_grad_(False).eval()  # the EMA's weights for sampling/export
+        o, t = c.optimizer, c.training
+        self.student = make_trainable(c.parallel.grad_sync, "student", student, o.student_lr, o, t.train_iters,
+                                      c.parallel.use_distributed_optimizer)
+        self.critic = None
+        if c.rcm.uses_dmd:
+            self.critic = make_trainable(c.parallel.grad_sync, "critic", critic, o.critic_lr, o, t.train_iters,
+                                         c.parallel.use_distributed_optimizer)
+        self.teacher_module = teacher
+        self.ema = D.PowerEMA(student, c.rcm.ema_sigma_rel)
+        scale = c.rcm.timestep_scale
+        self.teacher = D.TrigFlowWrapper(teacher, scale)
+        self.student_nograd = D.TrigFlowWrapper(student, scale)
+        self.student_grad = D.TrigFlowWrapper(self.student.net, scale, dtype=self.student_nograd.dtype)
+        if self.critic is not None:
+            self.critic_nograd = D.TrigFlowWrapper(critic, scale)
+            self.critic_grad = D.TrigFlowWrapper(self.critic.net, scale, dtype=self.critic_nograd.dtype)
+
+    def generator(self, iteration: int, micro: int) -> torch.Generator:
+        seed = (self.config.training.seed * 1_000_003 + iteration * 10_007 + micro * 101 + self.dp_rank) % 2**63
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # ------------------------------------------------------------------------------------------------------
+    # One micro-batch
+    # ------------------------------------------------------------------------------------------------------
+    def student_no_grad(self, x0, text, it, gen) -> dict:
+        """Teacher CFG + student JVP (sCM target); student rollout + DMD gradient (regularizer). No autograd."""
+        rc, out = self.config.rcm, {}
+        with torch.no_grad():
+            if rc.uses_scm:
+                out["scm"] = D.scm_targets(self.student_nograd, self.teacher, x0, text, self.neg_text, rc,
+                                           self.schedule.tangent_warmup_ratio(it), gen)
+            if self.schedule.dmd_active(it):
+                n = self.schedule.rollout_steps(it, gen)
+                x, t = D.student_rollout(self.student_nograd, x0, text, n, rc, gen)
+                x0_student = self.student_nograd(x, t, text).x0
+                out["dmd_input"] = (x, t)
+                out["dmd"] = D.dmd_gradient(self.teacher, self.critic_nograd, x0_student, text, self.neg_text, rc,
+                                            gen)
+        return out
+
+    def student_grad_pass(self, targets: dict, text) -> tuple[torch.Tensor, dict]:
+        """One with-grad student forward over the sCM and DMD inputs together; per-sample losses `[B]`."""
+        rc = self.config.rcm
+        xs, ts, texts, parts = [], [], [], []
+        if "scm" in targets:
+            xs.append(targets["scm"].x_t), ts.append(targets["scm"].t), texts.append(text), parts.append("scm")
+        if "dmd" in targets:
+            x, t = targets["dmd_input"]
+            xs.append(x), ts.append(t), texts.append(text), parts.append("dmd")
+        pred = self.student_grad(torch.cat(xs), torch.cat(ts), torch.cat(texts))
+        b = text.shape[0]
+        total = torch.zeros(b, dtype=torch.float64, device=text.device)
+        losses = {}
+        for i, name in enumerate(parts):
+            if name == "scm":
+                loss = D.scm_loss(pred.F[i * b:(i + 1) * b], targets["scm"])
+                total = total + rc.scm_weight * loss
+            else:
+                loss = D.dmd_loss(pred.x0[i * b:(i + 1) * b], targets["dmd"])
+                total = total + rc.dmd_weight * loss
+            losses[f"loss/{name}"] = loss.detach()
+        return total, losses
+
+    def critic_no_grad(self, x0, text, it, gen):
+        n = self.schedule.rollout_steps(it, gen)
+        return D.critic_inputs(self.student_nograd, x0, text, n, self.config.rcm, gen)
+
+    def critic_grad_pass(self, inputs, text) -> tuple[torch.Tensor, dict]:
+        x0 = self.critic_grad(inputs.x_t, inputs.t, text).x0
+        loss = D.critic_loss(x0, inputs)
+        return self.config.rcm.critic_weight * loss, {"loss/critic": loss.detach()}
+
+    # ------------------------------------------------------------------------------------------------------
+    # One iteration
+    # ------------------------------------------------------------------------------------------------------
+    def train_step(self, it: int) -> dict:
+        c = self.config
+        phase = self.schedule.phase(it)
+        trainable = self.student if phase == "student" else self.critic
+        trainable.zero_grad()
+        micro_batches = self.batches.next()
+        local = len(micro_batches) * micro_batches[0][0].shape[0]
+        # grads are averaged over DP x CP; CP ranks hold partial per-sample sums that must add up
+        norm = state.cp_size() / local
+        sums: dict[str, torch.Tensor] = {}
+        for m, (x0, text) in enumerate(micro_batches):
+            gen = self.generator(it, m)
+            if phase == "student":
+                loss, parts = self.student_grad_pass(self.student_no_grad(x0, text, it, gen), text)
+            else:
+                loss, parts = self.critic_grad_pass(self.critic_no_grad(x0, text, it, gen), text)
+            loss = loss.sum()
+            if it in c.training.nan_iterations:
+                loss = loss * float("nan")  # fault injection (tests): the step must be skipped
+            (loss * norm).backward()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v.sum()
+            sums["loss/total"] = sums.get("loss/total", 0) + loss.detach()
+        # one small all-reduce: global loss sums, NaN flag, signal flag
+        keys = sorted(sums)
+        flags = torch.tensor([0.0 if all(torch.isfinite(sums[k]) for k in keys) else 1.0, float(self._signal)],
+                             dtype=torch.float64)
+        packed = torch.cat([torch.stack([sums[k].double().cpu() for k in keys]), flags])
+        if dist.get_world_size() > 1:
+            maxed = packed[-2:].clone()
+            dist.all_reduce(packed)
+            dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
+            packed[-2:] = maxed
+        nan_loss, self._signal = bool(packed[-2] > 0), bool(packed[-1] > 0)
+        result = trainable.step(skip=nan_loss)
+        if phase == "student" and not result.skipped:
+            self.ema.update(self.student.module)
+        samples = c.training.global_batch_size
+        record = {"phase": phase}
+        for i, k in enumerate(keys):
+            record[k] = float(packed[i]) / (samples * state.cp_size()) if not nan_loss else float("nan")
+        record[f"grad_norm/{phase}"] = result.grad_norm
+        record[f"lr/{phase}"] = result.lr
+        record[f"nan_grads/{phase}"] = result.num_nan_grads
+        record["skipped_iterations"] = int(result.skipped)
+        if nan_loss:
+            self.log.print(f"iteration {it + 1}: non-finite loss ({phase} phase) - step skipped, training goes on")
+        return record
+
+    # ------------------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------------------
+    def _mp_state(self) -> dict:
+        out = {"student": self.student.state_dict(), "ema": self.ema.state_dict()}
+        if self.critic is not None:
+            out["critic"] = self.critic.state_dict()
+        return out
+
+    def save(self) -> str:
+        c = self.config
+        meta = {"consumed_samples": self.batches.consumed_samples,
+                "parallel": {"tensor_model_parallel_size": state.tp_size(),
+                             "pipeline_model_parallel_size": state.pp_size(),
+                             "context_parallel_size": state.cp_size()},
+                "data_parallel_size": self.dp_size, "model": self.arch.name,
+                "model_config": config_to_dict(self.model_config), "params_dtype": c.model.params_dtype,
+                "timestep_scale": c.rcm.timestep_scale}
+        rank_state = {"rng": checkpointing.rng_state(), "data": self.batches.state_dict()}
+        t0 = time.time()
+        path = checkpointing.save(c.run_dir, self.iteration, self._mp_state, rank_state, meta, dump_config(c),
+                                  c.checkpoint.keep_last)
+        self.log.print(f"saved checkpoint {path} ({time.time() - t0:.1f} s)")
+        return path
+
+    def maybe_resume(self) -> bool:
+        path = checkpointing.latest(self.config.run_dir)
+        if path is None:
+            return False
+        mp_state, rank_state, meta = checkpointing.load(path)
+        self.student.load_state_dict(mp_state["student"])
+        if self.critic is not None:
+            if "critic" not in mp_state:
+                raise ValueError(f"checkpoint {path} has no critic but this run uses the DMD regularizer")
+            self.critic.load_state_dict(mp_state["critic"])
+        self.ema.load_state_dict(mp_state["ema"])
+        self.iteration = int(meta["iteration"])
+        if rank_state is not None:
+            checkpointing.set_rng_state(rank_state["rng"])
+            self.batches.load_state_dict(rank_state["data"])
+        else:
+            self.batches.consumed_samples = int(meta["consumed_samples"])
+        self.log.print(f"resumed from {path} at iteration {self.iteration} "
+                       f"({self.batches.consumed_samples} samples consumed)")
+        return True
+
+    def export_ema(self, path: str) -> None:
+        """The EMA as a megatron-rcm model checkpoint (loadable by `from_pretrained` and generate.py)."""
+        self.ema.copy_to(self.ema_module)
+        save_megatron(self.ema_module, path)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Evaluation (shapes set only: it needs the shapes classifier)
+    # ------------------------------------------------------------------------------------------------------
+    def evaluate(self, step: int) -> dict:
+        c = self.config
+        if c.logging.eval_interval <= 0 or c.data.source != "shapes":
+            return {}
+        from megatron_rcm.training.evaluation import ShapesEvaluator, video_grid
+
+        out = {}
+        if self.rank == 0:
+            t0 = time.time()
+            if self.evaluator is None:
+                shape = (self.model_config.in_channels, c.data.frames, c.data.size, c.data.size)
+                self.evaluator = ShapesEvaluator(c, self.teacher, self.batches.encoder, c.logging.classifier,
+                                                 self.device, shape)
+                tm = self.evaluator.teacher_metrics
+                self.log.print(f"eval teacher ({c.logging.teacher_eval_steps}-step {c.logging.teacher_solver}, "
+                               f"CFG {c.rcm.guidance}): alignment {tm['alignment']:.3f} | feature distance to data "
+                               f"{tm['feature_distance_to_data']:.4f} | (data alignment {tm['data_alignment']:.3f})")
+                for k, v in tm.items():
+                    self.log.scalar(f"eval/teacher/{k}", v, step)
+                self.log.video("samples/teacher", video_grid(self.evaluator.teacher_samples[:16]), step)
+            self.ema.copy_to(self.ema_module)
+            for name, module in (("ema", self.ema_module), ("student", self.student.module)):
+                metrics, samples = self.evaluator.evaluate(D.TrigFlowWrapper(module, c.rcm.timestep_scale),
+                                                           c.logging.eval_student_steps)
+                for k, v in metrics.items():
+                    self.log.scalar(f"eval/{name}/{k}", v, step)
+                    out[f"{name}/{k}"] = v
+                if name == "ema":
+                    for n, x in samples.items():
+                        self.log.video(f"samples/ema_{n}step", video_grid(x[:16]), step)
+                self.log.print(f"eval {name} at iteration {step}: " + " | ".join(
+                    f"{n}-step alignment {metrics[f'alignment_{n}step']:.3f} feature distance "
+                    f"{metrics[f'feature_distance_{n}step']:.4f}" for n in c.logging.eval_student_steps))
+            self.log.print(f"evaluation took {time.time() - t0:.1f} s")
+            self.log.flush()
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        return out
+
+    # ------------------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self._signal = True
+        self.log.print(f"received signal {signum}: saving a checkpoint after this iteration")
+
+    def _append_metrics(self, record: dict) -> None:
+        # one JSON line per iteration (exact float repr): what tests and scripts compare across runs
+        if self.rank == 0:
+            with open(os.path.join(self.config.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def train(self) -> list[dict]:
+        c = self.config
+        if c.checkpoint.save_on_signal:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGUSR1, self._on_signal)
+        if self.rank == 0:
+            os.makedirs(c.run_dir, exist_ok=True)
+            with open(os.path.join(c.run_dir, "config.yaml"), "w") as f:
+                f.write(dump_config(c))
+        resumed = self.maybe_resume()
+        n_params = sum(p.numel() for p in self.student.module.parameters())
+        self.log.print(f"rCM: student/critic/teacher/ema of {n_params:,} parameters each (this rank) | "
+                       f"world {dist.get_world_size()} = TP {state.tp_size()} x CP {state.cp_size()} x "
+                       f"PP {state.pp_size()} x DP {self.dp_size} | global batch {c.training.global_batch_size} = "
+                       f"micro {c.training.micro_batch_size} x {self.batches.num_micro} x DP {self.dp_size} | "
+                       f"grad sync {type(self.student).__name__}")
+        if self.iteration >= c.training.train_iters:
+            self.log.print(f"run in {c.run_dir} is complete ({self.iteration} iterations); nothing to do")
+            self.log.close()
+            return self.records
+        if not resumed:
+            self.evaluate(0)
+        interval = c.logging.eval_interval
+        while self.iteration < c.training.train_iters:
+            it = self.iteration
+            record = self.train_step(it)
+            self.iteration = it + 1
+            self.records.append({"iteration": self.iteration, **record})
+            self._append_metrics(self.records[-1])
+            self.log.iteration(it, record, c.training.global_batch_size)
+            if interval > 0 and self.iteration % interval == 0 and self.iteration < c.training.train_iters:
+                self.evaluate(self.iteration)
+            if c.checkpoint.save_interval > 0 and self.iteration % c.checkpoint.save_interval == 0 \
+                    and self.iteration < c.training.train_iters:
+                self.save()
+            if self._signal:
+                self.save()
+                self.log.print(f"exiting after iteration {self.iteration} on a signal; re-run the same command to "
+                               f"resume")
+                self.log.close()
+                return self.records
+            if c.checkpoint.exit_after_iteration and self.iteration == c.checkpoint.exit_after_iteration:
+                self.log.print(f"exit_after_iteration={self.iteration}: stopping without a checkpoint (test hook)")
+                self.log.close()
+                return self.records
+        self.evaluate(self.iteration)
+        if c.checkpoint.save_at_end:
+            self.save()
+            self.export_ema(os.path.join(c.run_dir, "ema"))
+            self.log.print(f"exported the EMA to {os.path.join(c.run_dir, 'ema')}")
+        self.log.close()
+        return self.records
+
+
+def finite_or_none(x: float):
+    return x if math.isfinite(x) else None

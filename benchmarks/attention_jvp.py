@@ -3,7 +3,8 @@
 One GPU, one process. For each shape ``B H S D`` (self-attention, bf16, tangents on q, k and v) it
 times, with CUDA events (median of ``triton.testing.do_bench``):
 
-* ``ours``            — ``rcm_kernels.flash_attention_jvp`` on contiguous ``[B, H, S, D]`` tensors,
+* ``ours``            — ``rcm_kernels.flash_attention_jvp`` on contiguous ``[B, H, S, D]`` tensors, in its
+  default precise mode and with ``precise=False``,
 * ``ours [S,B,H,D]``  — the same on permuted views of ``[S, B, H, D]`` (the DiT's layout),
 * ``sdpa cudnn`` / ``sdpa flash`` — plain attention forward, no tangents (the floor of what a JVP
   can cost is about 3x these),
@@ -42,7 +43,7 @@ def main(argv=None):
     parser.add_argument("--ref-module", default="rcm_reference_fa_jvp")
     parser.add_argument("--ref-shapes", default="all", help="'all', 'none' or comma-separated shape indices")
     parser.add_argument("--sweep", default="",
-                        help="kernel configs 'block_m,block_n,warps,stages[,skip_rescale[,slack]];...'")
+                        help="kernel configs 'block_m,block_n,warps,stages[,skip_rescale[,precise]];...'")
     parser.add_argument("--sweep-shapes", default="0,1", help="shape indices the sweep runs on")
     parser.add_argument("--func-jvp-max-gib", type=float, default=60.0)
     parser.add_argument("--cross-sk", type=int, default=512, help="text length for the cross-attention rows")
@@ -92,6 +93,9 @@ def main(argv=None):
               f"{'' if ms is None else f'{flops / ms / 1e9:6.0f} TFLOP/s'}  "
               f"{'' if first is None else f'first call {first:.2f} s'} {note}", flush=True)
 
+    def cfg_name(cfg):
+        return ",".join(str(int(x)) for x in dataclasses.astuple(cfg))
+
     def rel(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -119,14 +123,14 @@ def main(argv=None):
         base_err = [rel(b, r) for b, r in zip(base, ref)]
         print("accuracy at B1 H4 S2000 D128 bf16: error vs float64 (ratio to func.jvp math sdpa)")
         print("  func.jvp math sdpa: o {:.2e} to {:.2e} lse {:.2e} mu {:.2e}".format(*base_err))
-        for cfg in [default_config(D, S, S, B * H)] + sweep:
+        for cfg in [default_config(D, S, S, B * H), dataclasses.replace(default_config(D, S, S, B * H), precise=False)] + sweep:
             try:
                 got = flash_attention_jvp(q, k, v, tq, tk, tv, scale=scale, config=cfg)
             except Exception as exc:
                 print(f"  {cfg}: failed {type(exc).__name__}")
                 continue
             err = [rel(g, r) for g, r in zip(got, ref)]
-            name = ",".join(str(int(x) if isinstance(x, bool) else x) for x in dataclasses.astuple(cfg))
+            name = cfg_name(cfg)
             accuracy.append(dict(config=name, errors=err, baseline_errors=base_err))
             print(f"  {name:24s} " + " ".join(f"{n} {e:.2e} ({e / b:.2f}x)"
                                                for n, e, b in zip(("o", "to", "lse", "mu"), err, base_err)))
@@ -143,9 +147,12 @@ def main(argv=None):
 
         t_first, ours = first_call(lambda: flash_attention_jvp(q, k, v, tq, tk, tv))
         cfg = default_config(D, S, S, B * H)
-        add(shape, "ours", bench(lambda: flash_attention_jvp(q, k, v, tq, tk, tv)), jvp_flops, t_first,
-            f"config {cfg.block_m},{cfg.block_n},{cfg.num_warps},{cfg.num_stages},"
-            f"{int(cfg.skip_rescale)},{cfg.rescale_slack:g}")
+        add(shape, "ours (default: precise)", bench(lambda: flash_attention_jvp(q, k, v, tq, tk, tv)), jvp_flops,
+            t_first, f"config {cfg_name(cfg)}")
+        fast = dataclasses.replace(cfg, precise=False)
+        t_fast, _ = first_call(lambda: flash_attention_jvp(q, k, v, tq, tk, tv, config=fast))
+        add(shape, "ours fast (precise=False)", bench(lambda: flash_attention_jvp(q, k, v, tq, tk, tv, config=fast)),
+            jvp_flops, t_fast, f"config {cfg_name(fast)}")
 
         sbhd = [x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3) for x in (q, k, v, tq, tk, tv)]
         check = flash_attention_jvp(*sbhd)
@@ -154,8 +161,7 @@ def main(argv=None):
         del sbhd, check
 
         for cfg in sweep if i in sweep_idx else []:
-            name = (f"ours cfg {cfg.block_m},{cfg.block_n},{cfg.num_warps},{cfg.num_stages},"
-                    f"{int(cfg.skip_rescale)},{cfg.rescale_slack:g}")
+            name = f"ours cfg {cfg_name(cfg)}"
             try:
                 t_cfg, _ = first_call(lambda: flash_attention_jvp(q, k, v, tq, tk, tv, config=cfg))
                 add(shape, name, bench(lambda: flash_attention_jvp(q, k, v, tq, tk, tv, config=cfg)),

@@ -26,6 +26,11 @@ the ``q tk^T`` and ``P tv`` GEMMs are skipped.
 ``lse`` and ``mu`` let partial results over disjoint key/value blocks be merged exactly (ring context
 parallelism); see ``megatron_rcm.models.attention.merge_attention_partials``.
 
+Precision: scores and their tangents come from the input dtype with fp32 accumulation; the three GEMMs
+after the softmax take 16-bit probabilities. By default (``JVPKernelConfig.precise``) those carry more
+bits than the input dtype (fp16 operands for bf16 inputs, a two-part split for fp16 inputs), so the
+error stays within ~1.0x that of fp32 math followed by one rounding of the output.
+
 Sequence lengths are run-time arguments (not compile-time constants), and the block configuration is
 picked by a rule rather than autotuned, so a new shape costs no recompilation and no tuning.
 """
@@ -60,27 +65,31 @@ class JVPKernelConfig:
     """Software-pipelining depth of the key/value loads."""
 
     skip_rescale: bool = True
-    """Skip rescaling the accumulators in blocks where no row's reference max moved."""
+    """Skip rescaling the two accumulator tiles in blocks where no row's running max moved."""
 
-    rescale_slack: float = 8.0
-    """Let the reference max lag the true row max by up to this many powers of two, so that it rarely
-    moves (not for fp16 operands: their range is too narrow for unnormalised probabilities up to 2^slack
-    times the score tangent, so fp16 always tracks the exact max)."""
-
-    fp16_pv: bool = False
-    """For bf16 inputs, run the three GEMMs after the softmax (P v, P tv, (P*dS) v) on fp16 operands: the
-    probabilities keep 3 more mantissa bits (values convert exactly while inside fp16's range)."""
+    precise: bool = True
+    """Hold the error to that of fp32 math plus one rounding of the output. The GEMMs after the softmax
+    take the probabilities as 16-bit operands; rounded to the input dtype they would add about as much
+    error again as the output rounding. So: bf16 inputs run those GEMMs on fp16 operands (``v`` and
+    ``tv`` converted once, before the kernel, with a power-of-two scale that keeps them in range); fp16
+    inputs split the probabilities into a high and a low fp16 part (three more GEMMs). ``False``: the
+    probabilities are rounded to the input dtype (faster, about 1.4x the error)."""
 
 
 def default_config(
-    head_dim: int, seq_q: int, seq_k: int, batch_heads: int, has_kv_tangent: bool = True
+    head_dim: int,
+    seq_q: int,
+    seq_k: int,
+    batch_heads: int,
+    has_kv_tangent: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> JVPKernelConfig:
-    """The block configuration used when none is given.
+    """The launch configuration used when none is given.
 
     A rule instead of an autotuner: autotuning every (Sq, Sk) pair a DiT meets would cost a minute per
-    shape. Picked by compiling for sm_90 (registers, spills, shared memory) and timing a handful of
-    configurations on an H100 (benchmarks/RESULTS.md). ``RCM_JVP_KERNEL_CONFIG`` overrides it (see
-    :func:`parse_config`).
+    shape. Chosen by compiling for sm_90 (registers, spills, shared memory) and timing a handful of
+    configurations on an H100 (benchmarks/RESULTS.md): 128 query rows over two warpgroups, 64 keys per
+    step. ``RCM_JVP_KERNEL_CONFIG`` overrides it (see :func:`parse_config`).
     """
     override = os.environ.get("RCM_JVP_KERNEL_CONFIG")
     if override:
@@ -92,20 +101,20 @@ def default_config(
     if triton.cdiv(seq_q, 128) * batch_heads < 132:
         # Too few 128-row programs to fill an H100's 132 SMs: halve the rows per program.
         return JVPKernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=3)
+    if dtype == torch.float16 and block_d > 64:
+        # The split probabilities (precise fp16) need the registers of 32-key steps.
+        return JVPKernelConfig(block_m=128, block_n=32, num_warps=8, num_stages=3)
     if block_d <= 64 or not has_kv_tangent:
-        # Two or four [64, D] bf16 tiles per stage: three stages fit in shared memory.
+        # Two (or four small) [64, D] 16-bit tiles per stage: three stages fit in shared memory.
         return JVPKernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     return JVPKernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
 
 
 def parse_config(text: str) -> JVPKernelConfig:
-    """``"block_m,block_n,num_warps,num_stages[,skip_rescale[,rescale_slack[,fp16_pv]]]"``."""
-    fields = text.split(",")
-    ints = [int(x) for x in fields[:4]]
-    skip = bool(int(fields[4])) if len(fields) > 4 else True
-    slack = float(fields[5]) if len(fields) > 5 else 8.0
-    fp16_pv = bool(int(fields[6])) if len(fields) > 6 else False
-    return JVPKernelConfig(*ints, skip_rescale=skip, rescale_slack=slack, fp16_pv=fp16_pv)
+    """``"block_m,block_n,num_warps,num_stages[,skip_rescale[,precise]]"``, e.g. ``"128,64,8,2,1,1"``."""
+    fields = [int(x) for x in text.split(",")]
+    flags = dict(zip(("skip_rescale", "precise"), (bool(x) for x in fields[4:])))
+    return JVPKernelConfig(*fields[:4], **flags)
 
 
 @triton.jit
@@ -118,7 +127,7 @@ def _jvp_tile(
     qk_scale, sm_scale,
     HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
-    SKIP_RESCALE: tl.constexpr, RESCALE_SLACK: tl.constexpr, PV_FP16: tl.constexpr,
+    SKIP_RESCALE: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
     # One key/value block of the online softmax with tangents. MASK_N only for the ragged last block,
     # so that full blocks pay for no masks.
@@ -145,14 +154,7 @@ def _jvp_tile(
         s = tl.where(valid_n[None, :], s, float("-inf"))
 
     # m_i is kept in log2 units of the scaled scores: p = 2^(s * scale * log2e - m).
-    m_tile = tl.max(s, 1) * qk_scale
-    if RESCALE_SLACK > 0:
-        # Move the reference max only when it grows by more than RESCALE_SLACK (log2 units): p may then
-        # reach 2^RESCALE_SLACK, harmless in fp32 accumulators and bf16 operands, and after the first
-        # few blocks no row moves, so the rescale of the two accumulator tiles is skipped.
-        m_new = tl.where(m_tile > m_i + RESCALE_SLACK, m_tile, m_i)
-    else:
-        m_new = tl.maximum(m_i, m_tile)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -173,13 +175,18 @@ def _jvp_tile(
         v = tl.load(v_ptrs)
     else:
         v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
-    if PV_FP16:
-        # bf16 -> fp16 is exact for values in fp16's normal range, and fp16 operands carry three more
-        # mantissa bits of the probabilities than bf16.
-        v = v.to(tl.float16)
-    p_lo = p.to(v.dtype)
-    acc_o = tl.dot(p_lo, v, acc_o)
-    acc_t = tl.dot(h.to(v.dtype), v, acc_t)
+    # The probability-side GEMMs run on v's dtype: the input dtype, or fp16 when the wrapper converted
+    # bf16 values (see JVPKernelConfig.precise).
+    p_hi = p.to(v.dtype)
+    h_hi = h.to(v.dtype)
+    acc_o = tl.dot(p_hi, v, acc_o)
+    acc_t = tl.dot(h_hi, v, acc_t)
+    if SPLIT_P:
+        # Second 16-bit part of p and h: together they carry ~22 bits.
+        p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+        h_lo = (h - h_hi.to(tl.float32)).to(v.dtype)
+        acc_o = tl.dot(p_lo, v, acc_o)
+        acc_t = tl.dot(h_lo, v, acc_t)
     if HAS_TV:
         if MASK_N:
             tv = tl.load(tv_ptrs, mask=kv_mask, other=0.0)
@@ -187,9 +194,9 @@ def _jvp_tile(
             tv = tl.load(tv_ptrs)
         else:
             tv = tl.load(tv_ptrs, mask=mask_d[None, :], other=0.0)
-        if PV_FP16:
-            tv = tv.to(tl.float16)
-        acc_t = tl.dot(p_lo, tv, acc_t)
+        acc_t = tl.dot(p_hi, tv, acc_t)
+        if SPLIT_P:
+            acc_t = tl.dot(p_lo, tv, acc_t)
     return acc_o, acc_t, m_new, l_i, r_i
 
 
@@ -197,6 +204,7 @@ def _jvp_tile(
 def _jvp_fwd_kernel(
     Q, K, V, TQ, TK, TV,
     O, TO, LSE, MU,
+    VSCALE,
     sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -213,7 +221,7 @@ def _jvp_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     EVEN_N: tl.constexpr,
-    SKIP_RESCALE: tl.constexpr, RESCALE_SLACK: tl.constexpr, PV_FP16: tl.constexpr,
+    SKIP_RESCALE: tl.constexpr, SPLIT_P: tl.constexpr, HAS_VSCALE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -255,7 +263,7 @@ def _jvp_fwd_kernel(
             acc_o, acc_t, m_i, l_i, r_i, q, tq,
             k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
             start_n, seq_k, offs_n, mask_d, qk_scale, sm_scale,
-            HAS_TK, HAS_TV, False, EVEN_D, SKIP_RESCALE, RESCALE_SLACK, PV_FP16,
+            HAS_TK, HAS_TV, False, EVEN_D, SKIP_RESCALE, SPLIT_P,
         )
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -268,10 +276,15 @@ def _jvp_fwd_kernel(
             acc_o, acc_t, m_i, l_i, r_i, q, tq,
             k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
             n_full, seq_k, offs_n, mask_d, qk_scale, sm_scale,
-            HAS_TK, HAS_TV, True, EVEN_D, SKIP_RESCALE, RESCALE_SLACK, PV_FP16,
+            HAS_TK, HAS_TV, True, EVEN_D, SKIP_RESCALE, SPLIT_P,
         )
 
     inv_l = 1.0 / l_i
+    if HAS_VSCALE:
+        # v and tv were divided by this power of two before their conversion to fp16.
+        vscale = tl.load(VSCALE)
+        acc_o = acc_o * vscale
+        acc_t = acc_t * vscale
     o = acc_o * inv_l[:, None]
     mu = r_i * inv_l
     to = acc_t * inv_l[:, None] - mu[:, None] * o
@@ -294,6 +307,23 @@ def _check_pair(name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
         )
 
 
+def _values_as_fp16(v: torch.Tensor, tv: torch.Tensor | None):
+    """``v / c`` and ``tv / c`` in fp16, and ``c``: a power of two >= 1 that keeps them under 2^15.
+
+    bf16 -> fp16 is exact inside fp16's range; the scale (a device scalar: no host sync) guards the top
+    of the range, and dividing by a power of two is exact. Costs one read of ``v`` and ``tv`` for the max
+    and one read + write for the conversion.
+    """
+    amax = torch.linalg.vector_norm(v, float("inf"), dtype=torch.float32)
+    if tv is not None:
+        amax = torch.maximum(amax, torch.linalg.vector_norm(tv, float("inf"), dtype=torch.float32))
+    c = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax * 2.0**-15, min=1.0))))
+    inv = (1.0 / c).to(v.dtype)
+    v16 = torch.mul(v, inv).to(torch.float16)
+    tv16 = None if tv is None else torch.mul(tv, inv).to(torch.float16)
+    return v16, tv16, c
+
+
 def flash_attention_jvp(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -304,6 +334,7 @@ def flash_attention_jvp(
     *,
     scale: float | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    out_dtype: torch.dtype | None = None,
     config: JVPKernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention output and its JVP: ``(o, to, lse, mu)``.
@@ -313,13 +344,15 @@ def flash_attention_jvp(
         k, tk: ``[B, H, Sk, D]`` keys and their tangent; ``tk=None`` means a zero tangent.
         v, tv: ``[B, H, Sk, D]`` values and their tangent; ``tv=None`` means a zero tangent.
         scale: softmax scale, ``1/sqrt(D)`` by default.
-        out: optional preallocated ``(o, to, lse, mu)`` (``[B, H, Sq, D]`` in the input dtype and
-            ``[B, H, Sq]`` float32); written in full.
-        config: block configuration; ``default_config`` otherwise.
+        out: optional preallocated ``(o, to, lse, mu)``: ``[B, H, Sq, D]`` (input dtype or float32) and
+            ``[B, H, Sq]`` float32; written in full.
+        out_dtype: dtype of ``o, to`` when ``out`` is not given (default: the input dtype). float32 keeps
+            partial results over key/value blocks unrounded until they are merged (ring attention).
+        config: launch configuration; :func:`default_config` otherwise.
 
     Returns:
-        ``o, to`` in the input dtype, ``lse, mu`` float32 ``[B, H, Sq]``. Not differentiable: meant for
-        the no-grad JVP pass.
+        ``o, to`` (input dtype unless asked otherwise), ``lse, mu`` float32 ``[B, H, Sq]``. Not
+        differentiable: meant for the no-grad JVP pass.
     """
     if q.dim() != 4:
         raise ValueError(f"expected [B, H, S, D] tensors, got q of shape {tuple(q.shape)}")
@@ -344,31 +377,34 @@ def flash_attention_jvp(
         scale = 1.0 / math.sqrt(D)
 
     if out is None:
-        o = torch.empty((B, H, Sq, D), device=q.device, dtype=q.dtype)
+        o = torch.empty((B, H, Sq, D), device=q.device, dtype=out_dtype or q.dtype)
         to = torch.empty_like(o)
         lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
         mu = torch.empty_like(lse)
     else:
         o, to, lse, mu = out
-        for name, x, shape, dtype in (
-            ("o", o, (B, H, Sq, D), q.dtype), ("to", to, (B, H, Sq, D), q.dtype),
-            ("lse", lse, (B, H, Sq), torch.float32), ("mu", mu, (B, H, Sq), torch.float32),
+        for name, x, shape, dtypes in (
+            ("o", o, (B, H, Sq, D), (q.dtype, torch.float32)), ("to", to, (B, H, Sq, D), (q.dtype, torch.float32)),
+            ("lse", lse, (B, H, Sq), (torch.float32,)), ("mu", mu, (B, H, Sq), (torch.float32,)),
         ):
-            if tuple(x.shape) != shape or x.dtype != dtype or x.device != q.device:
-                raise ValueError(f"out {name}: expected {shape} {dtype}, got {tuple(x.shape)} {x.dtype}")
+            if tuple(x.shape) != shape or x.dtype not in dtypes or x.device != q.device:
+                raise ValueError(f"out {name}: expected {shape} {dtypes}, got {tuple(x.shape)} {x.dtype}")
     if B * H * Sq == 0:
         return o, to, lse, mu
 
-    cfg = config or default_config(D, Sq, Sk, B * H, tk is not None or tv is not None)
     has_tk, has_tv = tk is not None, tv is not None
-    fp16_pv = cfg.fp16_pv and q.dtype == torch.bfloat16
-    # Pointers of absent tangents are never dereferenced (HAS_TK / HAS_TV are compile-time), pass the primal.
+    cfg = config or default_config(D, Sq, Sk, B * H, has_tk or has_tv, q.dtype)
+    vscale = None
+    if cfg.precise and q.dtype == torch.bfloat16:
+        v, tv, vscale = _values_as_fp16(v, tv)
+    # Pointers of absent tangents are never dereferenced (HAS_TK / HAS_TV are compile-time): pass primals.
     tk_ = tk if has_tk else k
     tv_ = tv if has_tv else v
     grid = (triton.cdiv(Sq, cfg.block_m), B * H)
     _jvp_fwd_kernel[grid](
         q, k, v, tq, tk_, tv_,
         o, to, lse, mu,
+        vscale if vscale is not None else lse,
         float(scale),
         *q.stride(), *k.stride(), *v.stride(),
         *tq.stride(), *tk_.stride(), *tv_.stride(),
@@ -379,8 +415,8 @@ def flash_attention_jvp(
         HAS_TK=has_tk, HAS_TV=has_tv,
         EVEN_N=(Sk % cfg.block_n == 0),
         SKIP_RESCALE=cfg.skip_rescale,
-        RESCALE_SLACK=float(cfg.rescale_slack) if q.dtype != torch.float16 and not fp16_pv else 0.0,
-        PV_FP16=fp16_pv,
+        SPLIT_P=cfg.precise and q.dtype == torch.float16,
+        HAS_VSCALE=vscale is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, to, lse, mu

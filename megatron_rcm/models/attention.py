@@ -175,13 +175,14 @@ def math_attention_jvp(
     tv: torch.Tensor | None = None,
     *,
     scale: float | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> AttentionJVPResult:
     """``(o, to, lse, mu)`` by explicit formulas, chunked over query rows.
 
     With ``s = scale q k^T``, ``p = softmax(s)``, ``ds = scale (tq k^T + q tk^T)``:
     ``lse = logsumexp(s)``, ``mu = sum_j p_j ds_j``, ``o = p v``, ``to = p tv + (p * (ds - mu)) v``.
-    Computed in float64 for float64 inputs, float32 otherwise; ``o, to`` are returned in the input dtype,
-    ``lse, mu`` in the compute dtype.
+    Computed in float64 for float64 inputs, float32 otherwise; ``o, to`` are returned in ``out_dtype``
+    (default: the input dtype), ``lse, mu`` in the compute dtype.
     """
     scale = _default_scale(q, scale)
     cdt = _compute_dtype(q.dtype)
@@ -208,9 +209,10 @@ def math_attention_jvp(
         tos.append(to)
         lses.append(lse)
         mus.append(mu)
+    out_dtype = out_dtype or q.dtype
     return (
-        torch.cat(os_, dim=2).to(q.dtype),
-        torch.cat(tos, dim=2).to(q.dtype),
+        torch.cat(os_, dim=2).to(out_dtype),
+        torch.cat(tos, dim=2).to(out_dtype),
         torch.cat(lses, dim=2),
         torch.cat(mus, dim=2),
     )
@@ -238,19 +240,21 @@ def attention_jvp(
     tv: torch.Tensor | None = None,
     *,
     scale: float | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> AttentionJVPResult:
     """Attention and its JVP, ``(o, to, lse, mu)``, under ``no_grad``.
 
     ``tk = tv = None`` means zero key/value tangents (cross-attention to text), which skips two of the six
     GEMMs. On CUDA with bf16/fp16 inputs this runs the Triton kernel (fp32 accumulators); otherwise
-    :func:`math_attention_jvp`.
+    :func:`math_attention_jvp`. ``out_dtype=torch.float32`` keeps ``o, to`` unrounded, for partial results
+    that :func:`merge_attention_partials` combines (ring attention) before one final rounding.
     """
     with torch.no_grad():
         if _kernel_supports(q):
             kernel = _kernel()
             if kernel is not None:
-                return kernel(q, k, v, tq, tk, tv, scale=scale)
-        return math_attention_jvp(q, k, v, tq, tk, tv, scale=scale)
+                return kernel(q, k, v, tq, tk, tv, scale=scale, out_dtype=out_dtype)
+        return math_attention_jvp(q, k, v, tq, tk, tv, scale=scale, out_dtype=out_dtype)
 
 
 def merge_attention_partials(parts: list[AttentionJVPResult] | tuple[AttentionJVPResult, ...]) -> AttentionJVPResult:
@@ -264,7 +268,8 @@ def merge_attention_partials(parts: list[AttentionJVPResult] | tuple[AttentionJV
 
     (the second term is ``d w_b = w_b (mu_b - dLSE)``). A part whose keys were all masked
     (``lse_b = -inf``) gets weight 0. Accumulates in float32 (float64 for float64 statistics); returns
-    ``o, to`` in the dtype of the first part's ``o``.
+    ``o, to`` in the dtype of the first part's ``o``. Give it float32 parts (``out_dtype`` of
+    :func:`attention_jvp`) and round once afterwards: bf16 parts would carry one rounding each.
     """
     if len(parts) == 0:
         raise ValueError("nothing to merge")

@@ -334,7 +334,7 @@ class VideoLoader:
         index = _to_list(label)
         self._batches += 1
         return {
-            "video": _to_torch(video, torch.float32, self.device),
+            "video": _to_torch(video, torch.float32, self.device).clamp_(-1.0, 1.0),  # GPU resize can round past 255
             "caption": [self._by_index[i].caption for i in index],
             "index": torch.tensor(index, dtype=torch.int64),
             "first_frame": torch.tensor(_to_list(first_frame), dtype=torch.int64),

@@ -32,9 +32,10 @@ if not hasattr(transformer_cosmos, "transforms"):
         InterpolationMode=_InterpolationMode, functional=types.SimpleNamespace(resize=_resize))
 
 
-def diffusers_cosmos(preset: str = "cosmos-tiny", seed: int = 0, dtype=torch.float32) -> CosmosTransformer3DModel:
-    """A diffusers Cosmos model with every parameter randomised (default init leaves norms at 1, tables at 0)."""
-    cfg = PRESETS[preset]
+def diffusers_cosmos(preset="cosmos-tiny", seed: int = 0, dtype=torch.float32) -> CosmosTransformer3DModel:
+    """A diffusers Cosmos model (preset name or CosmosConfig) with every parameter randomised (default init leaves
+    norms at 1, tables at 0)."""
+    cfg = PRESETS[preset] if isinstance(preset, str) else preset
     torch.manual_seed(seed)
     model = CosmosTransformer3DModel(**{k: v for k, v in cfg.to_diffusers().items() if k != "_class_name"})
     with torch.no_grad():
@@ -110,19 +111,33 @@ def _rope_forward(self, hidden_states, fps=None, dtype=torch.float64):
     return torch.cos(angles), torch.sin(angles)
 
 
+def _learnable_pos_forward(self, hidden_states, dtype=torch.float64):
+    """diffusers' CosmosLearnablePositionalEmbed.forward with the norm in `dtype` (it forces float32)."""
+    b, _, f, h, w = hidden_states.shape
+    f, h, w = f // self.patch_size[0], h // self.patch_size[1], w // self.patch_size[2]
+    emb = (self.pos_emb_t[:f][None, :, None, None] + self.pos_emb_h[:h][None, None, :, None]
+           + self.pos_emb_w[:w][None, None, None, :]).expand(b, f, h, w, -1).flatten(1, 3)
+    norm = torch.linalg.vector_norm(emb, dim=-1, keepdim=True, dtype=dtype)
+    norm = torch.add(self.eps, norm, alpha=(norm.numel() / emb.numel()) ** 0.5)
+    return (emb / norm).type_as(hidden_states)
+
+
 @contextlib.contextmanager
 def float64_cosmos():
-    """Wan's float64 mode (Tensor.float keeps float64, float64 sinusoid, math SDPA) plus float64 RMSNorm statistics
-    and float64 RoPE tables for diffusers' Cosmos model."""
-    original_rms, original_rope = normalization.RMSNorm.forward, transformer_cosmos.CosmosRotaryPosEmbed.forward
-    normalization.RMSNorm.forward = _rms_norm_forward_float64
-    transformer_cosmos.CosmosRotaryPosEmbed.forward = _rope_forward
+    """Wan's float64 mode (Tensor.float keeps float64, float64 sinusoid, math SDPA) plus float64 RMSNorm statistics,
+    RoPE tables and learnable-position norms for diffusers' Cosmos model."""
+    patches = [(normalization.RMSNorm, _rms_norm_forward_float64),
+               (transformer_cosmos.CosmosRotaryPosEmbed, _rope_forward),
+               (transformer_cosmos.CosmosLearnablePositionalEmbed, _learnable_pos_forward)]
+    originals = [cls.forward for cls, _ in patches]
+    for cls, fn in patches:
+        cls.forward = fn
     try:
         with float64_diffusers():
             yield
     finally:
-        normalization.RMSNorm.forward = original_rms
-        transformer_cosmos.CosmosRotaryPosEmbed.forward = original_rope
+        for (cls, _), fn in zip(patches, originals):
+            cls.forward = fn
 
 
 def reference_jvp(model, latents, timestep, text, latents_tangent, timestep_tangent, **kw):

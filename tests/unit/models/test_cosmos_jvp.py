@@ -3,6 +3,7 @@
 import pytest
 import torch
 from cosmos_reference import (
+    _learnable_pos_forward,
     _rope_forward,
     diffusers_cosmos,
     float64_cosmos,
@@ -86,14 +87,17 @@ def test_reference_agrees_with_central_difference(pair):
     assert relative_error((plus - minus) / (2 * h), tangent) <= 1e-7
 
 
-def test_float64_rope_tables_are_diffusers_tables(pair):
-    """The float64 RoPE replacement used by the reference is diffusers' formula (checked in float32)."""
+def test_float64_replacements_are_diffusers_formulas(pair):
+    """The float64 RoPE and learnable-position replacements used by the reference are diffusers' formulas (checked
+    in float32)."""
     ref, _ = pair
     x = torch.zeros(1, 4, 3, 6, 8)
     for fps in (None, 16):
         cos, sin = ref.rope(x, fps=fps)
         cos64, sin64 = _rope_forward(ref.rope, x, fps=fps, dtype=torch.float32)
         assert torch.allclose(cos, cos64, atol=1e-6) and torch.allclose(sin, sin64, atol=1e-6)
+    learnable = diffusers_cosmos("cosmos-tiny-learnable").learnable_pos_embed
+    assert torch.allclose(learnable(x), _learnable_pos_forward(learnable, x, dtype=torch.float32), atol=1e-6)
 
 
 def test_jvp_runs_without_autograd(pair):

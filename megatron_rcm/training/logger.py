@@ -51,11 +51,13 @@ class TrainingLogger:
             height=h, width=w, colorspace=c, encoded_image_string=buf.getvalue()))])
         self.writer._get_file_writer().add_summary(summary, step)
 
+    def start(self, it: int) -> None:
+        """Call before the first iteration `it` (0-based) of this process."""
+        self.start_iteration = it
+        self.start_time = self.window_start = time.time()
+
     def iteration(self, it: int, record: dict, samples: int) -> None:
         """`record`: phase, losses, grad norm, lr, nan counts, skipped flag of iteration `it` (0-based)."""
-        if self.start_iteration is None:
-            self.start_iteration = it
-            self.start_time = self.window_start = time.time()
         record = {**record, "samples": samples}
         self.window.append(record)
         step = it + 1

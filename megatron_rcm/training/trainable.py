@@ -143,7 +143,7 @@ class TorchTrainable(Trainable):
         return StepResult(grad_norm, num_nan, self.lr)
 
     def state_dict(self) -> dict:
-        return {"model": {k: v.clone() for k, v in self.module.state_dict().items()},
+        return {"model": {k: v.clone() if torch.is_tensor(v) else v for k, v in self.module.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -220,7 +220,8 @@ class MegatronTrainable(Trainable):
         return StepResult(grad_norm, int(nan.item()), self.lr, skipped=not ok)
 
     def state_dict(self) -> dict:
-        state = {"model": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
+        state = {"model": {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+                           for k, v in self.module.state_dict().items()},
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.use_distributed_optimizer:
             # gathered to DP rank 0 in a DP-size independent layout: a checkpoint from 2 GPUs resumes on 1

@@ -383,6 +383,7 @@ class Trainer:
         if not resumed:
             self.evaluate(0)
         interval = c.logging.eval_interval
+        self.log.start(self.iteration)
         while self.iteration < c.training.train_iters:
             it = self.iteration
             record = self.train_step(it)
@@ -391,7 +392,10 @@ class Trainer:
             self._append_metrics(self.records[-1])
             self.log.iteration(it, record, c.training.global_batch_size)
             if interval > 0 and self.iteration % interval == 0 and self.iteration < c.training.train_iters:
+                t_eval = time.time()
                 self.evaluate(self.iteration)
+                self.log.start_time += time.time() - t_eval  # keep the ETA about training
+                self.log.window_start += time.time() - t_eval
             if c.checkpoint.save_interval > 0 and self.iteration % c.checkpoint.save_interval == 0 \
                     and self.iteration < c.training.train_iters:
                 self.save()

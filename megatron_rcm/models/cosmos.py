@@ -39,6 +39,7 @@ from megatron.core import tensor_parallel
 from megatron_rcm.models import tangent as T
 from megatron_rcm.models.attention import attention, attention_jvp
 from megatron_rcm.models.blocks import parallel_config, replicate_for_sequence_parallel, sinusoidal_embedding
+from megatron_rcm.models.fusion import fused
 from megatron_rcm.models.rope import axis_dims
 from megatron_rcm.parallel import state
 
@@ -158,6 +159,7 @@ _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+@fused
 def gelu_erf(x, tx):
     """Exact GELU x Phi(x); derivative Phi(x) + x phi(x)."""
     y = F.gelu(x)
@@ -210,6 +212,16 @@ def _row(cfg, n_in: int, n_out: int) -> tensor_parallel.RowParallelLinear:
         skip_bias_add=True)
 
 
+@fused
+def _qk_norm_rope(x, tx, weight, cos, sin, eps: float):
+    """Per-head RMSNorm then (optionally) rotate-half RoPE of x [S, B, H, D] -> x's dtype."""
+    y, ty = T.rms_norm(x, tx, weight, eps, x.shape[-1])
+    if cos is not None:
+        y = apply_rope_half(y, cos, sin)
+        ty = None if ty is None else apply_rope_half(ty, cos, sin)
+    return y, ty
+
+
 def _to_attention_layout(x):
     # [S, B, H, D] -> [B, H, S, D] view (kernels and SDPA take strides)
     return None if x is None else x.permute(1, 2, 0, 3)
@@ -260,27 +272,25 @@ class CosmosAttention(torch.nn.Module):
         y, ty = split(y), split(ty)
         return [(y[..., i, :], None if ty is None else ty[..., i, :]) for i in range(n_parts)]
 
-    def _norm(self, x, tx, weight):
+    def _norm_weight(self, weight):
         # The per-head weight is replicated, but each tensor-parallel rank applies it to its own heads only:
         # identity forward / all-reduce backward makes its gradient complete (attention runs on the gathered
         # sequence, so this covers sequence parallelism too).
         if self.cfg.tensor_model_parallel_size > 1 and weight.requires_grad:
-            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight)
-        return T.rms_norm(x, tx, weight, self.eps, self.head_dim)
+            return tensor_parallel.copy_to_tensor_model_parallel_region(weight)
+        return weight
 
     def forward(self, x, tx=None, rope=None, context=None):
-        """x [s, b, h] (sequence-parallel shard or full); `rope(t)` rotates [S, B, H, D] tensors; `context`
+        """x [s, b, h] (sequence-parallel shard or full); `rope` = (cos, sin) [S, 1, 1, D/2] tables; `context`
         [L, b, context_dim] for cross-attention (it carries no tangent)."""
         if self.is_cross:
             ((q, tq),) = self._heads(*T.parallel_linear(self.linear_q, x, tx), 1)
             (k, tk), (v, tv) = self._heads(*T.parallel_linear(self.linear_kv, context, None), 2)
         else:
             (q, tq), (k, tk), (v, tv) = self._heads(*T.parallel_linear(self.linear_qkv, x, tx), 3)
-        q, tq = self._norm(q, tq, self.q_norm)
-        k, tk = self._norm(k, tk, self.k_norm)
-        if rope is not None:
-            q, tq = T.stacked(rope, q, tq, dim=1)
-            k, tk = T.stacked(rope, k, tk, dim=1)
+        cos, sin = (None, None) if rope is None else rope
+        q, tq = _qk_norm_rope(q, tq, self._norm_weight(self.q_norm), cos, sin, self.eps)
+        k, tk = _qk_norm_rope(k, tk, self._norm_weight(self.k_norm), cos, sin, self.eps)
         o, to = _attend(q, tq, k, tk, v, tv)
         return T.parallel_linear(self.linear_proj, o, to)
 
@@ -352,6 +362,19 @@ class LearnablePositionEmbedding(torch.nn.Module):
         return emb / (self.eps + rms)
 
 
+@fused
+def _modulated_norm(x, tx, shift, tshift, scale, tscale, eps: float):
+    """LayerNorm (no affine, high precision) -> x (1 + scale) + shift -> x's dtype."""
+    n, tn = T.layer_norm(x, tx, eps)
+    return T.cast(*T.modulate(n, tn, shift, tshift, scale, tscale), x.dtype)
+
+
+@fused
+def _gated_residual(x, tx, a, ta, gate, tgate):
+    """x + a * gate in the gate's (high) precision -> x's dtype."""
+    return T.cast(*T.gated_residual(x, tx, a, ta, gate, tgate), x.dtype)
+
+
 class CosmosBlock(torch.nn.Module):
     def __init__(self, config: CosmosConfig, cfg, high_dtype: torch.dtype):
         super().__init__()
@@ -369,12 +392,9 @@ class CosmosBlock(torch.nn.Module):
 
     def _branch(self, x, tx, adaln, cond, branch):
         """x + gate * branch(LayerNorm(x) (1 + scale) + shift)."""
-        dtype = x.dtype
         (shift, tshift), (scale, tscale), (gate, tgate) = cond.modulation(adaln)
-        n, tn = T.layer_norm(x, tx, self.eps)
-        n, tn = T.cast(*T.modulate(n, tn, shift, tshift, scale, tscale), dtype)
-        a, ta = branch(n, tn)
-        return T.cast(*T.gated_residual(x, tx, a, ta, gate, tgate), dtype)
+        a, ta = branch(*_modulated_norm(x, tx, shift, tshift, scale, tscale, self.eps))
+        return _gated_residual(x, tx, a, ta, gate, tgate)
 
     def forward(self, x, tx, cond: "_Conditioning", rope, context, pos):
         if pos is not None:
@@ -493,8 +513,7 @@ class CosmosModel(torch.nn.Module):
             ang = rope_angles_ntk(grid, c.attention_head_dim, c.rope_scale, fps, c.base_fps, device=device)
             ang = ang.to(self.high_dtype)[:, None, None, :]
             self._rope_cache = {key: (torch.cos(ang), torch.sin(ang))}
-        cos, sin = self._rope_cache[key]
-        return lambda x: apply_rope_half(x, cos, sin)
+        return self._rope_cache[key]
 
     def _network_input(self, latents, tlatents, condition_mask, padding_mask):
         """Concatenate the condition and padding masks (which carry no tangent) to the latents."""

@@ -89,6 +89,11 @@ class CosmosConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     @property
+    def text_dim(self) -> int:
+        """Width of the text states under the name the training loop uses for every architecture."""
+        return self.text_embed_dim
+
+    @property
     def ffn_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 

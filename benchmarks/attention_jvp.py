@@ -123,7 +123,8 @@ def main(argv=None):
         base_err = [rel(b, r) for b, r in zip(base, ref)]
         print("accuracy at B1 H4 S2000 D128 bf16: error vs float64 (ratio to func.jvp math sdpa)")
         print("  func.jvp math sdpa: o {:.2e} to {:.2e} lse {:.2e} mu {:.2e}".format(*base_err))
-        for cfg in [default_config(D, S, S, B * H), dataclasses.replace(default_config(D, S, S, B * H), precise=False)] + sweep:
+        default = default_config(D, S, S, B * H)
+        for cfg in [default, dataclasses.replace(default, precise=False)] + sweep:
             try:
                 got = flash_attention_jvp(q, k, v, tq, tk, tv, scale=scale, config=cfg)
             except Exception as exc:

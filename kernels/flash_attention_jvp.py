@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import os
-import dataclasses
 from dataclasses import dataclass
 
 import torch

@@ -169,6 +169,3 @@ def hf_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out["net." + name] = value
     return out
 
-
-def looks_original(keys) -> bool:
-    return any(k.startswith("net.x_embedder.") or ".self_attn.q_proj." in k for k in keys)

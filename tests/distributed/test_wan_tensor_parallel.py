@@ -14,7 +14,7 @@ from megatron_rcm.parallel import run_on_ranks  # noqa: E402
 pytestmark = pytest.mark.distributed
 
 
-def _check_tp(ckpt_dir):
+def _check_tp(ckpt_dir, tp1_dir):
     from megatron_rcm.checkpoint import wan as wan_keys
     from megatron_rcm.checkpoint.sharding import gather_grads, load_full_state_dict
     from megatron_rcm.models import save_megatron
@@ -43,14 +43,27 @@ def _check_tp(ckpt_dir):
             assert relative_error(g, ref_grads[name]) <= 1e-4, f"sp={sp} {name}"
     save_megatron(model, ckpt_dir)
 
+    # a checkpoint written by one process at TP=1 loads here at TP=2
+    from megatron_rcm.models import from_pretrained
+
+    loaded = from_pretrained(tp1_dir, params_dtype=torch.float32, sequence_parallel=True)
+    assert relative_error(loaded(x, t, text).detach(), expected.detach()) <= 1e-5
+
     with pytest.raises(ValueError, match="does not divide the 3 attention heads"):
         WanModel(WanConfig(num_attention_heads=3, attention_head_dim=12, ffn_dim=32, num_layers=1, in_channels=4,
                            out_channels=4, text_dim=16, freq_dim=16))
 
 
 def test_tensor_and_sequence_parallel_match_single_process(tmp_path):
+    from megatron_rcm.checkpoint.sharding import load_full_state_dict
+    from megatron_rcm.models import save_megatron
+    from megatron_rcm.models.wan import PRESETS, WanModel
+
+    single = WanModel(PRESETS["wan-tiny-tp"])
+    load_full_state_dict(single, megatron_state_dict(diffusers_wan("wan-tiny-tp")))
+    save_megatron(single, str(tmp_path / "tp1"))
     ckpt = str(tmp_path / "tp2")
-    run_on_ranks(_check_tp, 2, ckpt)
+    run_on_ranks(_check_tp, 2, ckpt, str(tmp_path / "tp1"))
     # a checkpoint written at TP=2 loads at TP=1 bit-exact
     from megatron_rcm.models import from_pretrained
 

@@ -398,8 +398,11 @@ class CosmosBlock(torch.nn.Module):
     def _branch(self, x, tx, adaln, cond, branch):
         """x + gate * branch(LayerNorm(x) (1 + scale) + shift)."""
         (shift, tshift), (scale, tscale), (gate, tgate) = cond.modulation(adaln)
-        a, ta = branch(*_modulated_norm(x, tx, shift, tshift, scale, tscale, self.eps))
-        return _gated_residual(x, tx, a, ta, gate, tgate)
+        xv, txv = cond.view(x), cond.view(tx)
+        n, tn = _modulated_norm(xv, txv, shift, tshift, scale, tscale, self.eps)
+        a, ta = branch(cond.unview(n), cond.unview(tn))
+        y, ty = _gated_residual(xv, txv, cond.view(a), cond.view(ta), gate, tgate)
+        return cond.unview(y), cond.unview(ty)
 
     def forward(self, x, tx, cond: "_Conditioning", rope, context, pos):
         if pos is not None:
@@ -412,30 +415,50 @@ class CosmosBlock(torch.nn.Module):
 
 @dataclasses.dataclass
 class _Conditioning:
-    """Time conditioning of one pass and how it lands on this rank's tokens.
+    """Time conditioning of one pass and how it lands on this rank's tokens [S, B, h].
 
-    `act` = SiLU(embedded timestep) and `temb` are [B x T', ...] with T' = 1 (one timestep per sample) or the number
-    of latent frames (per-frame timesteps); `frame_of_token` maps this rank's tokens to frames in the latter case."""
+    `act` = SiLU(embedded timestep) and `temb` are [B x T', ...] with T' = 1 (one timestep per sample) or the
+    number of latent frames (per-frame timesteps). Per-frame modulation is applied without materialising it per
+    token: when this rank's tokens are whole frames (always without sequence parallelism), tokens are viewed as
+    [frames, H*W, B, h] and the modulation broadcasts as [frames, 1, B, k]; otherwise (a sequence-parallel shard
+    that cuts a frame) it is gathered per token via `frame_of_token`."""
 
     act: torch.Tensor
     tact: torch.Tensor | None
     temb: torch.Tensor
     ttemb: torch.Tensor | None
     batch: int
-    frame_of_token: torch.Tensor | None
     cfg: object
-    sequence_parallel: bool
+    frames: tuple[int, int] | None = None
+    """(first frame, frame count) of this rank's tokens when they are whole frames (per-frame timesteps)."""
+    tokens_per_frame: int = 1
+    frame_of_token: torch.Tensor | None = None
+    """Frame of each of this rank's tokens (per-frame timesteps, shard not frame-aligned)."""
+
+    def view(self, x):
+        """[S, B, h] -> the layout the modulation broadcasts over."""
+        if x is None or self.frames is None:
+            return x
+        return x.unflatten(0, (self.frames[1], self.tokens_per_frame))
+
+    def unview(self, x):
+        if x is None or self.frames is None:
+            return x
+        return x.flatten(0, 1)
 
     def to_tokens(self, e, replicate: bool):
-        """[B x T', k] -> [1, B, k] or [S_local, B, k] (broadcast over the token layout [S, B, k])."""
+        """[B x T', k] -> [1, B, k], [frames, 1, B, k] or [S_local, B, k]."""
         if e is None:
             return None
         if replicate:
             e = replicate_for_sequence_parallel(e, self.cfg)
         e = e.unflatten(0, (self.batch, -1))  # [B, T', k]
-        if self.frame_of_token is None:
-            return e.transpose(0, 1)
-        return e[:, self.frame_of_token].transpose(0, 1)
+        if self.frames is not None:
+            first, n = self.frames
+            return e[:, first:first + n].transpose(0, 1).unsqueeze(1)
+        if self.frame_of_token is not None:
+            return e[:, self.frame_of_token].transpose(0, 1)
+        return e.transpose(0, 1)
 
     def modulation(self, adaln: AdaLNLoRA):
         e, te = adaln(self.act, self.tact, self.temb, self.ttemb)
@@ -548,13 +571,20 @@ class CosmosModel(torch.nn.Module):
         x = x.reshape(b, ch, grid[0], pt, grid[1], ph, grid[2], pw).permute(2, 4, 6, 0, 1, 3, 5, 7)
         return x.reshape(math.prod(grid), b, -1)
 
-    def _frame_of_token(self, grid, device, local: bool):
-        s = math.prod(grid)
-        idx = torch.arange(s, device=device)
+    def _conditioning(self, act, tact, temb, ttemb, b, grid, per_frame: bool, local: bool) -> _Conditioning:
+        """How per-sample or per-frame conditioning lands on this rank's tokens (`local`: the sequence-parallel
+        shard, else the full sequence)."""
+        cond = _Conditioning(act, tact, temb, ttemb, b, self.cfg)
+        if not per_frame:
+            return cond
+        s, hw = math.prod(grid), grid[1] * grid[2]
+        start, n = 0, s
         if local and self.sequence_parallel:
             n = s // self.cfg.tensor_model_parallel_size
-            idx = idx[state.tp_rank() * n:(state.tp_rank() + 1) * n]
-        return idx // (grid[1] * grid[2])
+            start = state.tp_rank() * n
+        if start % hw == 0 and n % hw == 0:
+            return dataclasses.replace(cond, frames=(start // hw, n // hw), tokens_per_frame=hw)
+        return dataclasses.replace(cond, frame_of_token=torch.arange(start, start + n, device=act.device) // hw)
 
     def _run(self, latents, timestep, text, tlatents, ttimestep, condition_mask=None, padding_mask=None, fps=None):
         c = self.config
@@ -575,9 +605,7 @@ class CosmosModel(torch.nn.Module):
                                                           None if ttimestep is None else ttimestep.flatten())
         act, tact = T.silu(emb, temb_)
         per_frame = timestep.dim() == 2
-        cond = _Conditioning(act, tact, temb, ttemb, b,
-                             self._frame_of_token(grid, latents.device, True) if per_frame else None,
-                             self.cfg, self.sequence_parallel)
+        cond = self._conditioning(act, tact, temb, ttemb, b, grid, per_frame, local=True)
 
         pos = None
         if c.extra_pos_embed_type == "learnable":
@@ -594,15 +622,14 @@ class CosmosModel(torch.nn.Module):
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
             tx = None if tx is None else tensor_parallel.gather_from_sequence_parallel_region(
                 tx, tensor_parallel_output_grad=False)
-        head_cond = dataclasses.replace(
-            cond, frame_of_token=self._frame_of_token(grid, latents.device, False) if per_frame else None,
-            sequence_parallel=False)
+        head_cond = self._conditioning(act, tact, temb, ttemb, b, grid, per_frame, local=False)
         e, te = self.head_adaln(act, tact, temb, ttemb)
         e, te = head_cond.to_tokens(e, False), head_cond.to_tokens(te, False)
         shift, scale = e.chunk(2, dim=-1)
         tshift, tscale = te.chunk(2, dim=-1) if te is not None else (None, None)
-        n, tn = T.layer_norm(x, tx, c.eps)
+        n, tn = T.layer_norm(head_cond.view(x), head_cond.view(tx), c.eps)
         n, tn = T.modulate(n, tn, shift, tshift, scale, tscale)
+        n, tn = head_cond.unview(n), head_cond.unview(tn)
         y, ty = T.linear(self.head, n.transpose(0, 1), None if tn is None else tn.transpose(0, 1))  # [B, S, o]
         return self._unpatchify(y, grid, out_dtype), (None if ty is None else self._unpatchify(ty, grid, out_dtype))
 

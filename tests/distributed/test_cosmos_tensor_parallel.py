@@ -24,13 +24,13 @@ def _v2w_learnable():
     return dataclasses.replace(PRESETS["cosmos-tiny-tp"], in_channels=5, extra_pos_embed_type="learnable")
 
 
-def _case(config, dtype):
-    x, t, text = inputs(2, 3, 6, 8, dtype=dtype)
+def _case(config, frames, dtype):
+    x, t, text = inputs(2, frames, 6, 8, dtype=dtype)
     kw = {}
     if config.in_channels == 5:
-        mask = torch.zeros(2, 1, 3, 6, 8, dtype=dtype)
+        mask = torch.zeros(2, 1, frames, 6, 8, dtype=dtype)
         mask[:, :, :1] = 1
-        t = torch.stack([torch.full((2,), 1e-4, dtype=dtype), t, 0.5 * t], dim=1)
+        t = torch.stack([torch.full((2,), 1e-4, dtype=dtype)] + [t * (i + 1) / frames for i in range(frames - 1)], 1)
         kw = dict(condition_mask=mask, fps=16)
     return x, t, text, kw
 
@@ -44,10 +44,11 @@ def _check_tp(ckpt_dir):
     from megatron_rcm.parallel import initialize_parallel
 
     initialize_parallel(tensor_model_parallel_size=2)
-    for config in (PRESETS["cosmos-tiny-tp"], _v2w_learnable()):
+    # 3 frames of 3 x 4 tokens: each rank's 18 tokens cut a frame (per-token modulation); 4 frames: whole frames
+    for config, frames in ((PRESETS["cosmos-tiny-tp"], 3), (_v2w_learnable(), 3), (_v2w_learnable(), 4)):
         ref = diffusers_cosmos(config)
         full = megatron_state_dict(ref)
-        x, t, text, kw = _case(config, torch.float32)
+        x, t, text, kw = _case(config, frames, torch.float32)
         w = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
         expected = reference(ref, x, t, text, **kw)
         (expected * w).sum().backward()
@@ -68,7 +69,7 @@ def _check_tp(ckpt_dir):
 
         # float64 JVP along latents and time
         ref = diffusers_cosmos(config, dtype=torch.float64)
-        x, t, text, kw = _case(config, torch.float64)
+        x, t, text, kw = _case(config, frames, torch.float64)
         g = torch.Generator().manual_seed(5)
         tx = torch.randn(x.shape, generator=g, dtype=torch.float64)
         tt = torch.randn(t.shape, generator=g, dtype=torch.float64)

@@ -29,9 +29,23 @@ CASES = {
     "image": dict(preset="cosmos-predict2-2b-t2i", latent=(16, 1, 96, 170)),
     "video": dict(preset="cosmos-predict2-2b-v2w", latent=(16, 24, 88, 160)),
 }
+TINY_CASES = {  # --tiny: the same code path on the test presets (checks the script on a CPU)
+    "image": dict(preset="cosmos-tiny", latent=(4, 1, 6, 8)),
+    "video": dict(preset="cosmos-tiny-v2w", latent=(4, 3, 6, 8)),
+}
 
 
 def timed(fn, iters: int, warmup: int = 2):
+    if not torch.cuda.is_available():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        times.sort()
+        return {"ms_median": times[len(times) // 2], "ms_min": times[0], "peak_activation_gib": float("nan")}
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -64,7 +78,7 @@ def _torchvision_resize_fallback():
             img, size=list(size), mode="nearest")))
 
 
-def run_case(name: str, iters: int, skip_jvp: bool) -> dict:
+def run_case(case: dict, name: str, iters: int, skip_jvp: bool, dev: torch.device) -> dict:
     from diffusers import CosmosTransformer3DModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -72,9 +86,7 @@ def run_case(name: str, iters: int, skip_jvp: bool) -> dict:
     from megatron_rcm.checkpoint.sharding import load_full_state_dict
     from megatron_rcm.models.cosmos import PRESETS, CosmosModel
 
-    case = CASES[name]
     cfg = PRESETS[case["preset"]]
-    dev = torch.device("cuda")
     torch.manual_seed(0)
     t0 = time.time()
     with torch.device(dev):
@@ -109,8 +121,9 @@ def run_case(name: str, iters: int, skip_jvp: bool) -> dict:
 
     with torch.no_grad():
         res["diffusers_default"] = timed(ref_fn, iters)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            res["diffusers_cudnn"] = timed(ref_fn, iters)
+        if dev.type == "cuda":
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                res["diffusers_cudnn"] = timed(ref_fn, iters)
         res["ours_forward"] = timed(lambda: ours(x, t, text, **ours_kw), iters)
         a = ref_fn().float()
         b = ours(x, t, text, **ours_kw).float()
@@ -119,11 +132,13 @@ def run_case(name: str, iters: int, skip_jvp: bool) -> dict:
         tx, tt = torch.randn_like(x), torch.ones_like(t)
         t1 = time.time()
         ours.jvp(x, t, text, tx, tt, **ours_kw)
-        torch.cuda.synchronize()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         res["ours_jvp_first_call_s"] = time.time() - t1
         res["ours_jvp"] = timed(lambda: ours.jvp(x, t, text, tx, tt, **ours_kw), iters)
     del ref, ours
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     return res
 
 
@@ -132,16 +147,20 @@ def main():
     p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["image", "video"])
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--skip-jvp", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny test presets (to check the script, e.g. on a CPU)")
     p.add_argument("--out")
     args = p.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cases = TINY_CASES if args.tiny else CASES
 
     from megatron_rcm.models.attention import attention_backend
 
     _torchvision_resize_fallback()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "our_attention_backend": attention_backend("cuda", torch.cuda.get_device_capability()[0])}
+    gpu = dev.type == "cuda"
+    results = {"device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
+               "our_attention_backend": attention_backend(dev.type, torch.cuda.get_device_capability()[0] if gpu else 0)}
     for name in args.cases:
-        r = results[name] = run_case(name, args.iters, args.skip_jvp)
+        r = results[name] = run_case(cases[name], name, args.iters, args.skip_jvp, dev)
         print(f"[{name}] {r['preset']} latent {r['latent']} ({r['tokens']} tokens)")
         for k in ("diffusers_default", "diffusers_cudnn", "ours_forward", "ours_jvp"):
             if k in r:

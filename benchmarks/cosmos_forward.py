@@ -157,8 +157,9 @@ def main():
 
     _torchvision_resize_fallback()
     gpu = dev.type == "cuda"
+    major = torch.cuda.get_device_capability()[0] if gpu else 0
     results = {"device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
-               "our_attention_backend": attention_backend(dev.type, torch.cuda.get_device_capability()[0] if gpu else 0)}
+               "our_attention_backend": attention_backend(dev.type, major)}
     for name in args.cases:
         r = results[name] = run_case(cases[name], name, args.iters, args.skip_jvp, dev)
         print(f"[{name}] {r['preset']} latent {r['latent']} ({r['tokens']} tokens)")

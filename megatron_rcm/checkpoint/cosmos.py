@@ -4,8 +4,9 @@ As for Wan, our model fuses the self-attention q/k/v projections into one weight
 and the cross-attention k/v into one ordered (head, {k,v}, channel); everything else is a rename. Cosmos has no
 biases, so only `.weight` tensors exist.
 
-The original release (the `model.pt` of nvidia/Cosmos-Predict2-*; module names of NVIDIA's cosmos-predict2 `MiniTrainDIT`)
-prefixes every key with `net.`; its training counters and RoPE buffers are not weights and are dropped on import.
+The original release (the `model.pt` of the nvidia/Cosmos-Predict2-* repositories; the names diffusers' Cosmos 2.0
+converter maps) prefixes every key with `net.`; its training counters and RoPE buffers are not weights and are
+dropped on import.
 """
 
 import re

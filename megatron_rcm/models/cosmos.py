@@ -1,14 +1,16 @@
 """Cosmos-Predict2 DiT (diffusers' `CosmosTransformer3DModel`) on megatron-core tensor-parallel layers.
 
-The blocks are the shared ones (blocks.py); what differs from Wan (wan.py) lives here:
+Shared with Wan (wan.py): the megatron layer config, the tangent rules (tangent.py), attention and its JVP
+(attention.py), the sinusoid, the sequence-parallel replication rule and the fused elementwise regions. What
+differs lives here, including the attention and MLP blocks, which the shared ones (blocks.py) cannot express
+(no biases, rotate-half RoPE, exact GELU):
 
 - **Time conditioning.** The sinusoid has the model width. It feeds (a) `t_embedder` (Linear -> SiLU -> Linear to
   3 x width, no biases) whose output `temb` is added to *every* modulation, and (b) an affine RMSNorm whose output
   is the "embedded timestep". Each modulation is a low-rank (adaLN-LoRA) map of SiLU(embedded timestep):
   Linear(width -> adaln_lora_dim) -> Linear(-> 3 x width), plus `temb`. Every block has three of them (self-attention,
   cross-attention, MLP); all three residual branches are gated. The head has a 2-way one (shift, scale).
-- **No biases** in any projection (patch embedding, attention, MLP, head); the shared blocks build biases, so
-  Cosmos drops them.
+- **No biases** in any projection (patch embedding, attention, MLP, head, modulation).
 - **q/k RMSNorm per head** (eps 1e-5) in self- and cross-attention; cross-attention keys/values come straight from
   the T5 states (no text projection, no norm before cross-attention).
 - **MLP with exact (erf) GELU**, not the tanh approximation.
@@ -273,8 +275,10 @@ class CosmosAttention(torch.nn.Module):
         self.linear_proj = _row(cfg, inner, hidden_size)
 
     def _heads(self, y, ty, n_parts: int):
-        split = lambda a: None if a is None else a.unflatten(-1, (self.heads_per_rank, n_parts, self.head_dim))  # noqa: E731
-        y, ty = split(y), split(ty)
+        """[S, B, heads*(n_parts*head_dim)] laid out per head -> n_parts (x, tx) pairs [S, B, heads, head_dim]."""
+        shape = (self.heads_per_rank, n_parts, self.head_dim)
+        y = y.unflatten(-1, shape)
+        ty = None if ty is None else ty.unflatten(-1, shape)
         return [(y[..., i, :], None if ty is None else ty[..., i, :]) for i in range(n_parts)]
 
     def _norm_weight(self, weight):
@@ -407,7 +411,8 @@ class CosmosBlock(torch.nn.Module):
     def forward(self, x, tx, cond: "_Conditioning", rope, context, pos):
         if pos is not None:
             x = x + pos.to(x.dtype)
-        x, tx = self._branch(x, tx, self.adaln_self_attention, cond, lambda n, tn: self.self_attention(n, tn, rope=rope))
+        x, tx = self._branch(x, tx, self.adaln_self_attention, cond,
+                             lambda n, tn: self.self_attention(n, tn, rope=rope))
         x, tx = self._branch(x, tx, self.adaln_cross_attention, cond,
                              lambda n, tn: self.cross_attention(n, tn, context=context))
         return self._branch(x, tx, self.adaln_mlp, cond, self.mlp)
@@ -504,7 +509,8 @@ class CosmosModel(torch.nn.Module):
         b, ch, f = latents.shape[:3]
         extra = 0
         if condition_mask is not None:
-            if condition_mask.dim() != 5 or condition_mask.shape[0] != b or condition_mask.shape[2:] != latents.shape[2:]:
+            if condition_mask.dim() != 5 or condition_mask.shape[0] != b or (
+                    condition_mask.shape[2:] != latents.shape[2:]):
                 raise ValueError(f"condition_mask must be [B={b}, C, {', '.join(map(str, latents.shape[2:]))}], "
                                  f"got {tuple(condition_mask.shape)}")
             extra = condition_mask.shape[1]

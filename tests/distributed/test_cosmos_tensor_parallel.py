@@ -9,7 +9,14 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "unit", "models"))
-from cosmos_reference import diffusers_cosmos, inputs, megatron_grads, megatron_state_dict, reference, relative_error  # noqa: E402,E501
+from cosmos_reference import (  # noqa: E402
+    diffusers_cosmos,
+    inputs,
+    megatron_grads,
+    megatron_state_dict,
+    reference,
+    relative_error,
+)
 
 from megatron_rcm.parallel import run_on_ranks  # noqa: E402
 

@@ -5,8 +5,9 @@ step of that phase's network. Per micro-batch the no-grad passes (teacher with C
 the DMD gradient from critic and teacher) and the single with-grad pass are separate calls, so that a pipeline
 schedule can later replace the with-grad pass alone.
 
-Random draws: iteration i, micro-batch m on data-parallel rank d use a generator seeded by (seed, i, m, d): the
-same on all TP/CP/PP ranks of a DP rank, different across DP ranks, and independent of restarts.
+Random draws: iteration i, micro-batch m on data-parallel rank d use a generator seeded by (seed, i, d x M + m)
+for M micro-batches per rank: the same on all TP/CP/PP ranks of a DP rank, different across DP ranks, independent
+of restarts, and equal between N DP ranks and one rank accumulating N x M micro-batches.
 """
 
 import json
@@ -150,7 +151,10 @@ class Trainer:
             self.critic_grad = D.TrigFlowWrapper(self.critic.net, scale, dtype=self.critic_nograd.dtype)
 
     def generator(self, iteration: int, micro: int) -> torch.Generator:
-        seed = (self.config.training.seed * 1_000_003 + iteration * 10_007 + micro * 101 + self.dp_rank) % 2**63
+        """Draws of micro-batch `micro` of this DP rank: seeded by its global micro-batch slot (DP rank x micro-batches
+        per rank + micro), so that N DP ranks draw what one rank with N x the gradient accumulation draws."""
+        slot = self.dp_rank * self.batches.num_micro + micro
+        seed = (self.config.training.seed * 1_000_003 + iteration * 10_007 + slot) % 2**63
         return torch.Generator(device=self.device).manual_seed(seed)
 
     # ------------------------------------------------------------------------------------------------------

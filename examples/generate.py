@@ -1,0 +1,167 @@
+"""Sample a distilled student in 1-4 steps: mp4 per step count (PyAV) + a PNG grid, with timings.
+
+    python examples/generate.py --checkpoint runs/rcm-shapes-tiny --steps 1 2 4 --num-prompts 8 --out samples/
+    python examples/generate.py --checkpoint <Wan pipeline folder or converted student> \\
+        --wan-pipeline <Wan2.1-T2V-1.3B-Diffusers folder> --prompts "a cat surfing" --steps 4 --frames 81
+
+`--checkpoint` is a training run folder (its latest checkpoint), one training checkpoint (`.../iter_0000600`), a
+megatron-rcm model folder (e.g. `<run_dir>/ema`), or a diffusers / original Wan folder (HF-converted). From
+training checkpoints `--net` picks `ema` (default) or `student`. The tiny shapes model is recognised by its
+architecture and uses the shapes text encoder and pixel space; Wan models need `--wan-pipeline` (text encoder,
+tokenizer, VAE).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--net", choices=("ema", "student"), default="ema", help="which network of a training checkpoint")
+    p.add_argument("--prompts", nargs="*", default=None)
+    p.add_argument("--num-prompts", type=int, default=8, help="shapes model without --prompts: this many prompts")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--sigma-max", type=float, default=80.0)
+    p.add_argument("--mid-times", type=float, nargs="+", default=[1.3, 1.0, 0.6])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples")
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--wan-pipeline", default="", help="Wan diffusers pipeline folder (text_encoder/, tokenizer/, vae/)")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    return p.parse_args(argv)
+
+
+def load_network(path: str, net: str, dtype: torch.dtype):
+    """(model, timestep_scale) from any supported checkpoint kind."""
+    from megatron_rcm.models import from_pretrained
+    from megatron_rcm.models.loading import ARCHITECTURES, build_model, config_from_dict
+    from megatron_rcm.training import checkpointing
+
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        latest = checkpointing.latest(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path} is a run folder without a complete checkpoint")
+        path = latest
+    meta_file = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_file):
+        return from_pretrained(path, params_dtype=dtype), 1000.0
+    with open(meta_file) as f:
+        meta = json.load(f)
+    if meta["parallel"]["tensor_model_parallel_size"] != 1 or meta["parallel"]["pipeline_model_parallel_size"] != 1:
+        raise ValueError(f"{path} was written with model parallelism; use the run's exported ema/ folder instead")
+    arch = ARCHITECTURES[meta["model"]]
+    model = build_model(arch, config_from_dict(arch, meta["model_config"]), dtype, perform_initialization=False)
+    state = torch.load(os.path.join(path, "mp_rank_00_000_00.pt"), map_location="cpu", weights_only=False)
+    if net == "ema":
+        shadow = state["ema"]["shadow"]
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(shadow[name].to(p.dtype))
+    else:
+        model.load_state_dict(state["student"]["model"])
+    return model.eval(), float(meta.get("timestep_scale", 1000.0))
+
+
+def write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
+    """`[T, H, W, 3]` uint8 -> H.264 mp4 (sizes padded to even numbers, as yuv420p needs)."""
+    import av
+
+    t, h, w, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from PIL import Image
+
+    from megatron_rcm.data import shapes
+    from megatron_rcm.diffusion import TrigFlowWrapper, student_sample
+    from megatron_rcm.parallel import destroy_parallel, initialize_parallel
+    from megatron_rcm.training.config import TINY_SHAPES_DATA, TINY_SHAPES_MODEL
+    from megatron_rcm.training.evaluation import video_grid
+
+    if any(not 1 <= s <= len(args.mid_times) + 1 for s in args.steps):
+        sys.exit(f"error: --steps must be in 1..{len(args.mid_times) + 1}")
+    initialize_parallel()
+    dtype = getattr(torch, args.dtype)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        model, scale = load_network(args.checkpoint, args.net, dtype)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    model = model.to(device)
+    wrapper = TrigFlowWrapper(model, scale)
+    is_shapes = model.config == TINY_SHAPES_MODEL
+    vae = None
+    if is_shapes:
+        prompts = args.prompts or shapes.eval_prompts(args.num_prompts)
+        try:
+            text = shapes.ShapesTextEncoder(dim=model.config.text_dim).encode(prompts).to(device)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        shape = (model.config.in_channels, TINY_SHAPES_DATA.frames, TINY_SHAPES_DATA.size, TINY_SHAPES_DATA.size)
+    else:
+        from megatron_rcm.models.encoders import UMT5TextEncoder, WanVAE
+
+        if not args.wan_pipeline or not args.prompts:
+            sys.exit("error: a Wan model needs --wan-pipeline (text encoder, tokenizer, VAE) and --prompts")
+        prompts = args.prompts
+        encoder = UMT5TextEncoder.from_pretrained(args.wan_pipeline, dtype=dtype, device=device)
+        text = encoder(prompts).to(device)
+        vae = WanVAE.from_pretrained(args.wan_pipeline, dtype=dtype, device=device)
+        shape = vae.latent_shape(args.frames, args.height, args.width)
+    os.makedirs(args.out, exist_ok=True)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    noise = torch.randn((len(prompts), *shape), generator=gen, dtype=torch.float64, device=device)
+    student_sample(wrapper, noise[:1], text[:1], 1, args.sigma_max, args.mid_times)  # warm-up: not timed
+    rows, timings = [], {}
+    for n in args.steps:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x = student_sample(wrapper, noise, text, n, args.sigma_max, args.mid_times,
+                           torch.Generator(device=device).manual_seed(args.seed + n))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_net = time.perf_counter() - t0
+        videos = (vae.decode(x.to(dtype)) if vae is not None else x).float().cpu()
+        t_all = time.perf_counter() - t0
+        timings[n] = {"sampling_s": t_net, "with_decode_s": t_all, "videos": len(prompts)}
+        grid = video_grid(videos, columns=min(8, len(prompts)), scale=4 if is_shapes else 1)
+        path = os.path.join(args.out, f"samples_{n}step.mp4")
+        write_mp4(path, grid, args.fps)
+        rows.append(grid[grid.shape[0] // 2])
+        print(f"{n}-step: {len(prompts)} videos in {t_net:.3f} s ({t_net / len(prompts) * 1000:.1f} ms/video, "
+              f"{t_all:.3f} s with decoding) -> {path}")
+    Image.fromarray(np.concatenate(rows, axis=0)).save(os.path.join(args.out, "grid.png"))
+    with open(os.path.join(args.out, "prompts.txt"), "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    with open(os.path.join(args.out, "timings.json"), "w") as f:
+        json.dump({"device": str(device), "steps": timings}, f, indent=2)
+    print(f"grid (middle frame; one row per step count {args.steps}) -> {os.path.join(args.out, 'grid.png')}")
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()

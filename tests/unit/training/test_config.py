@@ -1,0 +1,74 @@
+"""The training config tree: YAML files, dotted overrides, unknown keys and wrong types are errors."""
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from megatron_rcm.training.config import ConfigError, TrainingConfig, dump_config, load_config, to_dict
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "configs")
+
+
+def test_defaults_are_the_shipped_tiny_yaml():
+    assert load_config(os.path.join(CONFIGS, "shapes-tiny.yaml")) == TrainingConfig()
+
+
+@pytest.mark.parametrize("name", ["wan2.1-t2v-1.3b-480p", "wan2.1-t2v-14b-480p", "wan2.1-t2v-14b-720p"])
+def test_wan_configs_carry_the_paper_hyper_parameters(name):
+    c = load_config(os.path.join(CONFIGS, f"{name}.yaml"))
+    big = "14b" in name
+    assert c.model.preset == ("wan2.1-t2v-14b" if big else "wan2.1-t2v-1.3b")
+    assert c.model.params_dtype == "bfloat16"
+    assert c.training.global_batch_size == (64 if big else 256)
+    assert c.training.train_iters == 10000
+    assert (c.optimizer.student_lr, c.optimizer.critic_lr) == ((1e-6, 1e-7) if big else (2e-6, 4e-7))
+    assert (c.optimizer.adam_beta1, c.optimizer.adam_beta2, c.optimizer.weight_decay) == (0.0, 0.999, 0.01)
+    assert c.optimizer.clip_grad == 0.0 and c.optimizer.lr_warmup_iters == 100
+    assert c.rcm.student_update_freq == (10 if big else 5)
+    assert (c.rcm.dmd_weight, c.rcm.guidance, c.rcm.p_std) == (0.01, 5.0, 1.6)
+    assert c.rcm.ema_sigma_rel == 0.05
+
+
+def test_every_shipped_yaml_loads():
+    files = glob.glob(os.path.join(CONFIGS, "*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        load_config(f)
+
+
+def test_overrides_parse_types_and_nest():
+    c = load_config(None, ["training.train_iters=7", "rcm.student_mid_times=[1.5, 1.4, 1.0]", "run_dir=/x",
+                           "logging.tensorboard=false", "optimizer.student_lr=3e-5", "training.nan_iterations=[2,3]"])
+    assert c.training.train_iters == 7 and c.run_dir == "/x" and c.logging.tensorboard is False
+    assert c.rcm.student_mid_times == (1.5, 1.4, 1.0) and c.training.nan_iterations == (2, 3)
+    assert c.optimizer.student_lr == 3e-5
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rcm.no_such_key=1", "unknown config key(s) ['rcm.no_such_key']"),
+    ("nosection.x=1", "'nosection' is not a config section"),
+    ("training.train_iters=abc", "training.train_iters: expected an integer"),
+    ("rcm.rollout_steps_sampling=random", "rollout_steps_sampling"),
+    ("training.train_iters", "not of the form"),
+])
+def test_bad_overrides_are_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_unknown_key_in_a_file_is_an_error(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("training:\n  train_iter: 5\n")
+    with pytest.raises(ConfigError, match="unknown config key 'training.train_iter'"):
+        load_config(str(f))
+
+
+def test_dump_round_trips(tmp_path):
+    c = load_config(None, ["training.train_iters=9", "rcm.guidance=2.5"])
+    f = tmp_path / "c.yaml"
+    f.write_text(dump_config(c))
+    assert load_config(str(f)) == c
+    assert yaml.safe_load(dump_config(c)) == to_dict(c)

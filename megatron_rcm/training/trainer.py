@@ -240,10 +240,12 @@ class Trainer:
                              dtype=torch.float64)
         packed = torch.cat([torch.stack([sums[k].double().cpu() for k in keys]), flags])
         if dist.get_world_size() > 1:
+            packed = packed.to(self.device)  # NCCL reduces device tensors only
             maxed = packed[-2:].clone()
             dist.all_reduce(packed)
             dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
             packed[-2:] = maxed
+            packed = packed.cpu()
         nan_loss, self._signal = bool(packed[-2] > 0), bool(packed[-1] > 0)
         result = trainable.step(skip=nan_loss)
         if phase == "student" and not result.skipped:

@@ -211,6 +211,10 @@ class Attention(torch.nn.Module):
             return _qk_norm_rope(y, ty, bias, None, (), cos, sin, *args)
         if not per_head:
             norm_weights = tuple(w.view(self.heads_per_rank, a.head_dim) for w in norm_weights)
+        elif self.cfg.tensor_model_parallel_size > 1:
+            # a per-head weight is replicated but each rank applies it to its own heads only
+            norm_weights = tuple(tensor_parallel.copy_to_tensor_model_parallel_region(w) if w.requires_grad
+                                 else w for w in norm_weights)
         if per_head or self.cfg.tensor_model_parallel_size == 1:
             # statistics are local: one fused region
             return _qk_norm_rope_local(y, ty, bias, norm_weights, cos, sin, per_head, *args)

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from megatron_rcm.checkpoint.wan import _deinterleave, _interleave
+from megatron_rcm.checkpoint.keymap import KeyMap
 
 # per-block renames, ours -> diffusers (the fused projections are handled separately)
 _BLOCK_RENAMES = {
@@ -84,54 +84,17 @@ _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF_BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 
 
+KEYMAP = KeyMap("Cosmos", _TOP_RENAMES, _BLOCK_RENAMES, _BLOCK_FUSED, hf_block_prefix="transformer_blocks")
+
+
 def mcore_to_hf(sd: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
     """Full (unsharded) megatron-rcm Cosmos state dict -> diffusers CosmosTransformer3DModel state dict."""
-    out = {}
-    for key, value in sd.items():
-        m = _BLOCK_KEY.match(key)
-        if m is None:
-            if key not in _TOP_RENAMES:
-                raise KeyError(f"unexpected tensor {key!r} in a Cosmos checkpoint")
-            out[_TOP_RENAMES[key]] = value
-            continue
-        i, rest = m.groups()
-        if rest in _BLOCK_FUSED:
-            parts = _BLOCK_FUSED[rest]
-            for name, part in zip(parts, _deinterleave(value, len(parts), num_heads)):
-                out[f"transformer_blocks.{i}.{name}"] = part
-        elif rest in _BLOCK_RENAMES:
-            out[f"transformer_blocks.{i}.{_BLOCK_RENAMES[rest]}"] = value
-        else:
-            raise KeyError(f"unexpected tensor {key!r} in a Cosmos checkpoint")
-    return out
+    return KEYMAP.to_hf(sd, num_heads)
 
 
 def hf_to_mcore(sd: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
     """diffusers CosmosTransformer3DModel state dict -> full megatron-rcm state dict."""
-    sd = dict(sd)
-    out = {}
-    inv_top = {v: k for k, v in _TOP_RENAMES.items()}
-    inv_block = {v: k for k, v in _BLOCK_RENAMES.items()}
-    blocks = sorted({int(m.group(1)) for k in sd if (m := _HF_BLOCK_KEY.match(k))})
-    for i in blocks:
-        for ours, parts in _BLOCK_FUSED.items():
-            names = [f"transformer_blocks.{i}.{p}" for p in parts]
-            missing = [n for n in names if n not in sd]
-            if missing:
-                raise KeyError(f"missing tensor(s) {missing} in the diffusers Cosmos checkpoint")
-            out[f"blocks.{i}.{ours}"] = _interleave([sd.pop(n) for n in names], num_heads)
-    for key, value in sd.items():
-        m = _HF_BLOCK_KEY.match(key)
-        if m is None:
-            if key not in inv_top:
-                raise KeyError(f"unexpected tensor {key!r} in the diffusers Cosmos checkpoint")
-            out[inv_top[key]] = value
-        else:
-            i, rest = m.groups()
-            if rest not in inv_block:
-                raise KeyError(f"unexpected tensor {key!r} in the diffusers Cosmos checkpoint")
-            out[f"blocks.{i}.{inv_block[rest]}"] = value
-    return out
+    return KEYMAP.from_hf(sd, num_heads)
 
 
 def original_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

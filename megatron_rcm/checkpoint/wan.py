@@ -1,13 +1,11 @@
-"""Wan2.1 state-dict key maps: diffusers <-> megatron-rcm, and the original Wan-AI release -> diffusers.
-
-Our model fuses the self-attention q/k/v projections into one weight ordered (head, {q,k,v}, channel) and the
-cross-attention k/v into one ordered (head, {k,v}, channel), so a tensor-parallel rank's row slice holds whole
-heads. Everything else is a rename.
-"""
+"""Wan2.1 state-dict key maps: diffusers <-> megatron-rcm (see keymap.py), and the original Wan-AI release ->
+diffusers."""
 
 import re
 
 import torch
+
+from megatron_rcm.checkpoint.keymap import KeyMap
 
 # per-block renames, ours -> diffusers (the fused projections are handled separately)
 _BLOCK_RENAMES = {
@@ -31,8 +29,10 @@ _BLOCK_RENAMES = {
 }
 # fused ours -> (diffusers parts in order)
 _BLOCK_FUSED = {
-    "self_attention.linear_qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
-    "cross_attention.linear_kv": ("attn2.to_k", "attn2.to_v"),
+    f"{ours}.{leaf}": tuple(f"{p}.{leaf}" for p in parts)
+    for ours, parts in (("self_attention.linear_qkv", ("attn1.to_q", "attn1.to_k", "attn1.to_v")),
+                        ("cross_attention.linear_kv", ("attn2.to_k", "attn2.to_v")))
+    for leaf in ("weight", "bias")
 }
 _TOP_RENAMES = {
     "patch_embedding.weight": "patch_embedding.weight",
@@ -75,66 +75,17 @@ _ORIGINAL_BLOCK = {
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-def _interleave(parts: list[torch.Tensor], num_heads: int) -> torch.Tensor:
-    """[n x (heads*d, ...)] -> (heads, n, d, ...) flattened: each head's q, k, v rows side by side."""
-    return torch.stack([p.unflatten(0, (num_heads, -1)) for p in parts], dim=1).flatten(0, 2)
-
-
-def _deinterleave(fused: torch.Tensor, n: int, num_heads: int) -> list[torch.Tensor]:
-    split = fused.unflatten(0, (num_heads, n, -1))
-    return [split[:, i].flatten(0, 1).contiguous() for i in range(n)]
+KEYMAP = KeyMap("Wan", _TOP_RENAMES, _BLOCK_RENAMES, _BLOCK_FUSED)
 
 
 def mcore_to_hf(sd: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
     """Full (unsharded) megatron-rcm Wan state dict -> diffusers WanTransformer3DModel state dict."""
-    out = {}
-    for key, value in sd.items():
-        m = _BLOCK_KEY.match(key)
-        if m is None:
-            if key not in _TOP_RENAMES:
-                raise KeyError(f"unexpected tensor {key!r} in a Wan checkpoint")
-            out[_TOP_RENAMES[key]] = value
-            continue
-        i, rest = m.groups()
-        stem, _, leaf = rest.rpartition(".")
-        if stem in _BLOCK_FUSED:
-            parts = _BLOCK_FUSED[stem]
-            for name, part in zip(parts, _deinterleave(value, len(parts), num_heads)):
-                out[f"blocks.{i}.{name}.{leaf}"] = part
-        elif rest in _BLOCK_RENAMES:
-            out[f"blocks.{i}.{_BLOCK_RENAMES[rest]}"] = value
-        else:
-            raise KeyError(f"unexpected tensor {key!r} in a Wan checkpoint")
-    return out
+    return KEYMAP.to_hf(sd, num_heads)
 
 
 def hf_to_mcore(sd: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
     """diffusers WanTransformer3DModel state dict -> full megatron-rcm state dict."""
-    sd = dict(sd)
-    out = {}
-    inv_top = {v: k for k, v in _TOP_RENAMES.items()}
-    inv_block = {v: k for k, v in _BLOCK_RENAMES.items()}
-    blocks = sorted({int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k))})
-    for i in blocks:
-        for ours, parts in _BLOCK_FUSED.items():
-            for leaf in ("weight", "bias"):
-                names = [f"blocks.{i}.{p}.{leaf}" for p in parts]
-                missing = [n for n in names if n not in sd]
-                if missing:
-                    raise KeyError(f"missing tensor(s) {missing} in the diffusers Wan checkpoint")
-                out[f"blocks.{i}.{ours}.{leaf}"] = _interleave([sd.pop(n) for n in names], num_heads)
-    for key, value in sd.items():
-        m = _BLOCK_KEY.match(key)
-        if m is None:
-            if key not in inv_top:
-                raise KeyError(f"unexpected tensor {key!r} in the diffusers Wan checkpoint")
-            out[inv_top[key]] = value
-        else:
-            i, rest = m.groups()
-            if rest not in inv_block:
-                raise KeyError(f"unexpected tensor {key!r} in the diffusers Wan checkpoint")
-            out[f"blocks.{i}.{inv_block[rest]}"] = value
-    return out
+    return KEYMAP.from_hf(sd, num_heads)
 
 
 def original_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -107,15 +108,17 @@ def train_teacher(iters: int, batch: int, generator: torch.Generator) -> ToyVelo
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def distill(teacher_net, config: RCMConfig, student_steps: int, batch: int, lr: float, critic_lr: float, seed: int):
+def distill(
+    teacher_net, config: RCMConfig, student_steps: int, batch: int, lr: float, critic_lr: float, seed: int, beta1: float = 0.0
+):
     """Run the objective for `student_steps` student updates (critic steps in between when DMD is on)."""
     gen = torch.Generator().manual_seed(seed)
     teacher = TrigFlowWrapper(teacher_net, TIMESTEP_SCALE)
     student_net = copy.deepcopy(teacher_net).requires_grad_(True)
     critic_net = copy.deepcopy(teacher_net).requires_grad_(True)
     student, critic = TrigFlowWrapper(student_net, TIMESTEP_SCALE), TrigFlowWrapper(critic_net, TIMESTEP_SCALE)
-    opt_s = torch.optim.Adam(student_net.parameters(), lr=lr, betas=(0.0, 0.999), weight_decay=0.0)
-    opt_c = torch.optim.Adam(critic_net.parameters(), lr=critic_lr, betas=(0.0, 0.999), weight_decay=0.0)
+    opt_s = torch.optim.Adam(student_net.parameters(), lr=lr, betas=(beta1, 0.999))
+    opt_c = torch.optim.Adam(critic_net.parameters(), lr=critic_lr, betas=(beta1, 0.999))
     ema = PowerEMA(student_net, config.ema_sigma_rel)
     schedule = PhaseSchedule(config)
     it, done = 0, 0
@@ -223,13 +226,14 @@ def evaluate_student(net, n: int, data: torch.Tensor, config: RCMConfig, seed: i
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-iters", type=int, default=3000)
-    parser.add_argument("--student-steps", type=int, default=800, help="student updates per distillation run")
+    parser.add_argument("--student-steps", type=int, default=1000, help="student updates per distillation run")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--critic-lr", type=float, default=3e-4)
-    parser.add_argument("--warmup", type=int, default=100, help="tangent warm-up iterations")
+    parser.add_argument("--warmup", type=int, default=200, help="tangent warm-up iterations")
     parser.add_argument("--student-update-freq", type=int, default=5)
-    parser.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 3.0, 10.0], help="rCM lambda sweep")
+    parser.add_argument("--methods", nargs="+", default=["teacher", "scm", "dmd", "rcm"], choices=["teacher", "scm", "dmd", "rcm"])
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="rCM lambda (dmd_weight) values to run (a small sweep)")
     parser.add_argument("--dmd-weight", type=float, default=1.0, help="weight of the pure-DMD run (scale-free)")
     parser.add_argument("--eval-samples", type=int, default=20000)
     parser.add_argument("--threads", type=int, default=2)
@@ -253,6 +257,8 @@ def main(argv=None):
         "command": " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"CPU ({platform.processor() or platform.machine()}), torch threads {args.threads}",
         "torch": torch.__version__,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
         "args": vars(args),
         "data": {"modes": NUM_MODES, "radius": RADIUS, "mode_std": MODE_STD, "weights": [round(w, 4) for w in WEIGHTS.tolist()]},
         "reference_data_vs_data": metrics(sample_data(args.eval_samples, torch.Generator().manual_seed(7)), data),
@@ -262,17 +268,22 @@ def main(argv=None):
     teacher_net = train_teacher(args.teacher_iters, args.batch, gen)
     timings = {"teacher_train_s": round(time.perf_counter() - t0, 1)}
     teacher = TrigFlowWrapper(teacher_net, TIMESTEP_SCALE)
-    noise = torch.randn(args.eval_samples, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    result["teacher"] = {
-        "euler-100": metrics(teacher_sample(teacher, noise, None, 100, "euler"), data),
-        "unipc-16": metrics(teacher_sample(teacher, noise, None, 16, "unipc"), data),
-        "unipc-4": metrics(teacher_sample(teacher, noise, None, 4, "unipc"), data),
-    }
+    if "teacher" in args.methods:
+        noise = torch.randn(args.eval_samples, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        result["teacher"] = {
+            "euler-100": metrics(teacher_sample(teacher, noise, None, 100, "euler"), data),
+            "unipc-16": metrics(teacher_sample(teacher, noise, None, 16, "unipc"), data),
+            "unipc-4": metrics(teacher_sample(teacher, noise, None, 4, "unipc"), data),
+        }
 
-    runs = {"sCM": RCMConfig(scm_weight=1.0, dmd_weight=0.0, **base)}
-    runs["DMD"] = RCMConfig(scm_weight=0.0, dmd_weight=args.dmd_weight, **{**base, "tangent_warmup": 0})
-    for lam in args.lambdas:
-        runs[f"rCM (lambda={lam:g})"] = RCMConfig(scm_weight=1.0, dmd_weight=lam, **base)
+    runs = {}
+    if "scm" in args.methods:
+        runs["sCM"] = RCMConfig(scm_weight=1.0, dmd_weight=0.0, **base)
+    if "dmd" in args.methods:
+        runs["DMD"] = RCMConfig(scm_weight=0.0, dmd_weight=args.dmd_weight, **{**base, "tangent_warmup": 0})
+    if "rcm" in args.methods:
+        for lam in args.lambdas:
+            runs[f"rCM (lambda={lam:g})"] = RCMConfig(scm_weight=1.0, dmd_weight=lam, **base)
     result["students"] = {}
     for i, (name, config) in enumerate(runs.items()):
         t0 = time.perf_counter()
@@ -286,6 +297,7 @@ def main(argv=None):
         }
         print(f"{name}: {iters} iterations in {train_s:.1f}s", file=sys.stderr)
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
+    timings["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
     result["timings"] = timings
     text = json.dumps(result, indent=1)
     if args.out:

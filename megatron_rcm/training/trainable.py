@@ -225,15 +225,20 @@ class MegatronTrainable(Trainable):
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.use_distributed_optimizer:
             # gathered to DP rank 0 in a DP-size independent layout: a checkpoint from 2 GPUs resumes on 1
-            state["optimizer_param_state"] = self.optimizer.get_parameter_state_dp_zero()
+            state["optimizer_param_state"] = [o.get_parameter_state_dp_zero() for o in self._distributed_parts()]
         return state
+
+    def _distributed_parts(self):
+        # get_megatron_optimizer returns a ChainedOptimizer (one distributed optimizer per param group kind)
+        return getattr(self.optimizer, "chained_optimizers", [self.optimizer])
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.use_distributed_optimizer:
-            self.optimizer.load_parameter_state_from_dp_zero(state.get("optimizer_param_state"))
+            for o, s in zip(self._distributed_parts(), state["optimizer_param_state"]):
+                o.load_parameter_state_from_dp_zero(s)
         self.optimizer.reload_model_params()
         self.scheduler.load_state_dict(state["scheduler"])
 

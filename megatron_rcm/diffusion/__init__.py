@@ -13,6 +13,7 @@ from megatron_rcm.diffusion.reduce import (
     per_sample_numel,
     per_sample_sum,
     process_group_sum,
+    sharded_noise_fn,
 )
 from megatron_rcm.diffusion.samplers import (
     euler_sample,

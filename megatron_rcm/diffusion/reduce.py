@@ -58,3 +58,17 @@ def randn_like(x: torch.Tensor, generator: Optional[torch.Generator] = None, dty
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 """Draws standard normal noise shaped like its argument. The training loop may pass one that draws the full
 (unsharded) noise from a CP-synchronised generator and returns this rank's shard."""
+
+
+def sharded_noise_fn(generator: torch.Generator, dim: int, rank: int, world_size: int) -> NoiseFn:
+    """A `NoiseFn` for latents split into `world_size` equal contiguous chunks along `dim`: every rank draws the
+    full noise from the same (CP-synchronised) generator and keeps its own chunk, so the global noise is i.i.d.
+    (drawing shard-shaped noise from a synchronised generator would repeat the same noise on every shard)."""
+
+    def _noise(like: torch.Tensor) -> torch.Tensor:
+        shape = list(like.shape)
+        shape[dim] *= world_size
+        full = torch.randn(shape, generator=generator, dtype=torch.float64, device=like.device)
+        return full.chunk(world_size, dim=dim)[rank].contiguous()
+
+    return _noise

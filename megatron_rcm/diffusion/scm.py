@@ -97,7 +97,8 @@ def scm_targets(
         warmup_ratio: r = min(1, it / tangent_warmup) (see `PhaseSchedule.tangent_warmup_ratio`).
         generator: draws t and (by default) eps; make it identical across a CP group.
         t: optional times `[B]` overriding the draw.
-        noise_fn: optional noise source (e.g. full noise from a synchronised generator, sharded).
+        noise_fn: noise source; the default draws noise of x0's (local) shape from `generator`, which is right only
+            for unsharded latents - under CP pass `sharded_noise_fn(...)` (full noise, this rank's chunk).
         sum_fn: makes per-sample sums global across CP shards.
     """
     if t is None:

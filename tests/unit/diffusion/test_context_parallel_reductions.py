@@ -8,7 +8,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_rcm.diffusion import RCMConfig, TrigFlowWrapper, dmd_gradient, process_group_sum, scm_target
+from megatron_rcm.diffusion import (
+    RCMConfig,
+    TrigFlowWrapper,
+    dmd_gradient,
+    process_group_sum,
+    scm_target,
+    sharded_noise_fn,
+)
 
 from ._nets import SCALE, GaussianTeacher
 
@@ -53,3 +60,10 @@ def _worker(rank, world, init_file):
 def test_sharded_reductions_match_unsharded():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(2, os.path.join(d, "init")), nprocs=2, join=True)
+
+
+def test_sharded_noise_is_the_full_draw_split():
+    like = torch.zeros(2, 3, 4, dtype=torch.float64)
+    full = torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    shards = [sharded_noise_fn(torch.Generator().manual_seed(5), -1, r, 3)(like) for r in range(3)]
+    assert torch.equal(torch.cat(shards, dim=-1), full)

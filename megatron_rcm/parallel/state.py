@@ -45,8 +45,10 @@ def initialize_parallel(
     pipeline_model_parallel_size: int = 1,
     backend: str | None = None,
     timeout_minutes: int = 30,
+    seed: int = 1234,
 ) -> None:
-    """Start torch.distributed (if needed) and megatron-core's model-parallel groups.
+    """Start torch.distributed (if needed) and megatron-core's model-parallel groups, and seed (`set_random_seed`:
+    megatron's CUDA RNG tracker, which its GPU weight initialisation needs, included).
 
     Under torchrun the world comes from its environment (RANK, WORLD_SIZE, MASTER_ADDR, ...); without it a
     one-process world is created. The data-parallel size is what is left of the world size.
@@ -84,6 +86,7 @@ def initialize_parallel(
         context_parallel_size=context_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
+    set_random_seed(seed)
 
 
 def ensure_parallel() -> None:

@@ -121,7 +121,7 @@ class TorchTrainable(Trainable):
             return StepResult(float("nan"), 0, self.lr, skipped=True)
         grads = self._grads()
         nan = torch.tensor([_count_and_zero_nonfinite(grads)], dtype=torch.float64)
-        flat = torch.cat([g.reshape(-1) for g in grads] + [nan.to(grads[0].dtype)])
+        flat = torch.cat([g.reshape(-1) for g in grads] + [nan.to(grads[0].device, grads[0].dtype)])
         world = dist.get_world_size(self.group)
         if world > 1:
             dist.all_reduce(flat, group=self.group)
@@ -237,8 +237,9 @@ class MegatronTrainable(Trainable):
             self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.use_distributed_optimizer:
-            for o, s in zip(self._distributed_parts(), state["optimizer_param_state"]):
-                o.load_parameter_state_from_dp_zero(s)
+            with torch.no_grad():  # it copies into the fp32 main parameters (leaves that require grad)
+                for o, s in zip(self._distributed_parts(), state["optimizer_param_state"]):
+                    o.load_parameter_state_from_dp_zero(s)
         self.optimizer.reload_model_params()
         self.scheduler.load_state_dict(state["scheduler"])
 

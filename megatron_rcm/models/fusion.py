@@ -25,6 +25,8 @@ def fused(fn):
         nonlocal compiled
         if x.is_cuda and _enabled() and not torch.compiler.is_compiling():
             if compiled is None:
+                # one graph per shape: training sees a handful (student, JVP, CFG-doubled teacher, critic, ...)
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                 compiled = torch.compile(fn, dynamic=False)
             return compiled(x, *args, **kwargs)
         return fn(x, *args, **kwargs)

@@ -15,7 +15,6 @@ Pieces:
 
 import dataclasses
 import itertools
-import math
 
 import numpy as np
 import torch

@@ -85,7 +85,7 @@ class ParallelConfig:
 class OptimizerConfig:
     """Adam for the student and the critic (each with its own optimizer and LR schedule)."""
 
-    student_lr: float = 1e-4
+    student_lr: float = 5e-5
     """Tiny default; the paper: 2e-6 (Wan 1.3B), 1e-6 (14B)."""
     critic_lr: float = 1e-4
     """Tiny default; the paper: 4e-7 (Wan 1.3B), 1e-7 (14B)."""
@@ -103,7 +103,7 @@ class OptimizerConfig:
 class TrainingLoopConfig:
     """Iterations, batches, seeds."""
 
-    train_iters: int = 600
+    train_iters: int = 1200
     global_batch_size: int = 16
     """Samples per iteration over all DP ranks; must be divisible by micro_batch_size x DP size."""
     micro_batch_size: int = 8
@@ -149,11 +149,11 @@ class LoggingConfig:
 
     log_interval: int = 10
     tensorboard: bool = True
-    eval_interval: int = 100
+    eval_interval: int = 200
     """Every this many iterations (and at the first and last): 1/2/4-step samples of the EMA and the student,
     prompt-alignment score and feature distance against the teacher's multi-step samples. 0 = off."""
-    eval_samples: int = 48
-    """Prompts per evaluation (shapes set: all 48 prompts once)."""
+    eval_samples: int = 96
+    """Prompts per evaluation (shapes set: all 48 prompts twice)."""
     eval_student_steps: tuple[int, ...] = (1, 2, 4)
     teacher_eval_steps: int = 32
     """Steps of the teacher's reference sampler."""
@@ -167,7 +167,7 @@ class LoggingConfig:
 class CheckpointConfig:
     """Training checkpoints (`<run_dir>/checkpoints/iter_XXXXXXX`, `latest` pointer)."""
 
-    save_interval: int = 200
+    save_interval: int = 400
     """0 = only at the end and on a signal."""
     keep_last: int = 2
     """Older checkpoints are deleted (0 = keep all)."""

@@ -11,7 +11,6 @@ of restarts, and equal between N DP ranks and one rank accumulating N x M micro-
 """
 
 import json
-import math
 import os
 import signal
 import time
@@ -422,7 +421,3 @@ class Trainer:
             self.log.print(f"exported the EMA to {os.path.join(c.run_dir, 'ema')}")
         self.log.close()
         return self.records
-
-
-def finite_or_none(x: float):
-    return x if math.isfinite(x) else None

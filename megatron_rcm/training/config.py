@@ -63,6 +63,8 @@ class ModelConfig:
     """Megatron sequence parallelism inside each tensor-parallel group."""
     critic_from_teacher: bool = True
     """Initialise the critic (fake score) from the teacher (the paper's choice); else from the student."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward of the with-grad passes (student and critic)."""
 
 
 @dataclass
@@ -120,7 +122,11 @@ class TrainingDataConfig:
     """Training data."""
 
     source: str = "shapes"
-    """`shapes` (the procedural set, no files), `latents` (latent shards) or `videos` (a manifest, encoded online)."""
+    """`shapes` (the procedural set, no files), `latents` (latent shards), `videos` (a manifest, encoded online) or
+    `random` (Gaussian latents of the Wan VAE's shape for `frames` x `height` x `width` and random text embeddings:
+    scale probes)."""
+    text_length: int = 512
+    """`random`: text tokens per sample (UMT5 in Wan: 512)."""
     path: str = ""
     """The shard folder or manifest (`latents` / `videos`)."""
     negative_text_embedding: str = ""

@@ -83,9 +83,42 @@ class LoaderBatches:
         self.loader.load_state_dict(state["loader"])
 
 
-def build_batches(config: TrainingConfig, text_dim: int, dp_rank: int, dp_size: int, device):
+class RandomBatches:
+    """Gaussian latents `[B, C, 1 + (frames - 1) / 4, height / 8, width / 8]` (the Wan VAE's factors) and random text
+    embeddings: no files, for scale probes."""
+
+    def __init__(self, config: TrainingConfig, in_channels: int, text_dim: int, dp_rank: int, dp_size: int, device):
+        d, t = config.data, config.training
+        self.shape = (in_channels, 1 + (d.frames - 1) // 4, d.height // 8, d.width // 8)
+        self.text_shape = (d.text_length, text_dim)
+        self.micro, self.num_micro = t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dp_size)
+        self.global_batch, self.dp_rank, self.device = t.global_batch_size, dp_rank, device
+        self.seed = t.seed
+        self.consumed_samples = 0
+
+    def negative_text(self) -> torch.Tensor:
+        return torch.zeros(1, *self.text_shape, device=self.device)
+
+    def next(self):
+        gen = torch.Generator(device=self.device).manual_seed(self.seed + self.consumed_samples + self.dp_rank)
+        out = [(torch.randn((self.micro, *self.shape), generator=gen, device=self.device),
+                torch.randn((self.micro, *self.text_shape), generator=gen, device=self.device))
+               for _ in range(self.num_micro)]
+        self.consumed_samples += self.global_batch
+        return out
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
+
+
+def build_batches(config: TrainingConfig, text_dim: int, dp_rank: int, dp_size: int, device, in_channels: int = 16):
+    if config.data.source == "random":
+        return RandomBatches(config, in_channels, text_dim, dp_rank, dp_size, device)
     if config.data.source == "shapes":
         return ShapesBatches(config, text_dim, dp_rank, dp_size, device)
     if config.data.source in ("latents", "videos"):
         return LoaderBatches(config, dp_rank, dp_size, device)
-    raise ValueError(f"data.source must be shapes, latents or videos, got {config.data.source!r}")
+    raise ValueError(f"data.source must be shapes, latents, videos or random, got {config.data.source!r}")

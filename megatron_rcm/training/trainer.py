@@ -86,6 +86,22 @@ def check_teacher(config: TrainingConfig) -> None:
                           f"(checkpoint, preset) differ in {diff}")
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every transformer block in the backward pass of with-grad calls (no-grad and JVP calls run the
+    plain blocks). Each block's inputs are kept; everything inside is recomputed."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        plain = block.forward
+
+        def forward(x, tx, *args, _plain=plain):
+            if torch.is_grad_enabled() and tx is None:
+                return checkpoint(_plain, x, tx, *args, use_reentrant=False)
+            return _plain(x, tx, *args)
+
+        block.forward = forward
+
+
 class Trainer:
     def __init__(self, config: TrainingConfig):
         self.config = c = config
@@ -104,7 +120,8 @@ class Trainer:
         self.log = TrainingLogger(c.run_dir, self.rank == 0, c.logging.tensorboard, c.training.train_iters,
                                   c.logging.log_interval)
         self._build_models()
-        self.batches = build_batches(c, self.model_config.text_dim, self.dp_rank, self.dp_size, self.device)
+        self.batches = build_batches(c, self.model_config.text_dim, self.dp_rank, self.dp_size, self.device,
+                                     self.model_config.in_channels)
         self.neg_text = self.batches.negative_text()
         self.iteration = 0
         self.evaluator = None
@@ -131,6 +148,9 @@ class Trainer:
 
         student = clone(teacher).requires_grad_(True)
         critic = clone(teacher if c.model.critic_from_teacher else student).requires_grad_(True)
+        if c.model.activation_checkpointing:
+            enable_activation_checkpointing(student)
+            enable_activation_checkpointing(critic)
         self.ema_module = clone(student).requires_grad_(False).eval()  # the EMA's weights for sampling/export
         o, t = c.optimizer, c.training
         self.student = make_trainable(c.parallel.grad_sync, "student", student, o.student_lr, o, t.train_iters,

@@ -125,7 +125,8 @@ class Trainer:
         self.neg_text = self.batches.negative_text()
         self.iteration = 0
         self.evaluator = None
-        self._signal = False
+        self._signal_received = False  # set by the signal handler, at any time
+        self._stop = False  # the decision all ranks agreed on in the last iteration's all-reduce
         self.records: list[dict] = []
 
     # ------------------------------------------------------------------------------------------------------
@@ -255,7 +256,8 @@ class Trainer:
             sums["loss/total"] = sums.get("loss/total", 0) + loss.detach()
         # one small all-reduce: global loss sums, NaN flag, signal flag
         keys = sorted(sums)
-        flags = torch.tensor([0.0 if all(torch.isfinite(sums[k]) for k in keys) else 1.0, float(self._signal)],
+        flags = torch.tensor([0.0 if all(torch.isfinite(sums[k]) for k in keys) else 1.0,
+                              float(self._signal_received)],
                              dtype=torch.float64)
         packed = torch.cat([torch.stack([sums[k].double().cpu() for k in keys]), flags])
         if dist.get_world_size() > 1:
@@ -265,7 +267,8 @@ class Trainer:
             dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
             packed[-2:] = maxed
             packed = packed.cpu()
-        nan_loss, self._signal = bool(packed[-2] > 0), bool(packed[-1] > 0)
+        # a signal that arrives after this point is acted on after the next iteration, on every rank alike
+        nan_loss, self._stop = bool(packed[-2] > 0), bool(packed[-1] > 0)
         result = trainable.step(skip=nan_loss)
         if phase == "student" and not result.skipped:
             self.ema.update(self.student.module)
@@ -376,8 +379,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
-        self._signal = True
-        self.log.print(f"received signal {signum}: saving a checkpoint after this iteration")
+        self._signal_received = True
+        self.log.print(f"received signal {signum}: saving a checkpoint and exiting")
 
     def _append_metrics(self, record: dict) -> None:
         # one JSON line per iteration (exact float repr): what tests and scripts compare across runs
@@ -424,7 +427,7 @@ class Trainer:
             if c.checkpoint.save_interval > 0 and self.iteration % c.checkpoint.save_interval == 0 \
                     and self.iteration < c.training.train_iters:
                 self.save()
-            if self._signal:
+            if self._stop:
                 self.save()
                 self.log.print(f"exiting after iteration {self.iteration} on a signal; re-run the same command to "
                                f"resume")

@@ -66,13 +66,29 @@ def validate(config: TrainingConfig, world_size: int) -> int:
         raise ConfigError(f"{preset.num_attention_heads} attention heads are not divisible by tensor parallel size "
                           f"{p.tensor_model_parallel_size}")
     check_teacher(config)
+    check_data(config)
     return dp
+
+
+def check_data(config: TrainingConfig) -> None:
+    d = config.data
+    if d.source not in ("shapes", "latents", "videos", "random"):
+        raise ConfigError(f"data.source must be shapes, latents, videos or random, got {d.source!r}")
+    if d.source in ("latents", "videos"):
+        if not d.path or not os.path.exists(d.path):
+            raise FileNotFoundError(f"data.path: {d.path!r} does not exist (a latent shard folder or a video manifest)")
+        if not d.negative_text_embedding or not os.path.isfile(d.negative_text_embedding):
+            raise FileNotFoundError(f"data.negative_text_embedding: {d.negative_text_embedding!r} is not a file (the "
+                                    f"negative prompt's text embedding [L, text_dim], saved with torch.save)")
 
 
 def check_teacher(config: TrainingConfig) -> None:
     """The teacher path exists and holds the configured architecture."""
     path = config.model.teacher
     if not path:
+        if config.data.source != "random":
+            raise ConfigError("model.teacher is empty: a teacher checkpoint is required (random weights only with "
+                              "data.source=random, for scale probes)")
         return
     if not os.path.exists(path):
         raise FileNotFoundError(f"model.teacher: {path!r} does not exist (the tiny default's teacher is made by "

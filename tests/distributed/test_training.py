@@ -165,6 +165,8 @@ def test_two_ranks_equal_one_rank_with_gradient_accumulation(tiny_run, tmp_path)
     (["training.global_batch_size=12"], {"WORLD_SIZE": "2"},
      "training.global_batch_size (12) must be divisible by training.micro_batch_size (8) x data-parallel size (2)"),
     (["training.train_iter=3"], {}, "unknown config key(s) ['training.train_iter']"),
+    (["model.teacher="], {}, "model.teacher is empty"),
+    (["data.source=latents", "data.path=does/not/exist"], {}, "data.path: 'does/not/exist' does not exist"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, overrides, env, message):
     run_dir = str(tmp_path / "run")

@@ -6,7 +6,6 @@ Rectified flow (Wan, Cosmos-Predict2): x_s = (1 - s) x0 + s eps, the network pre
 All maps run in float64: the sCM target is a small difference of large terms near t = pi/2.
 """
 
-import math
 from typing import NamedTuple, Optional, Protocol
 
 import torch
@@ -219,6 +218,3 @@ class TrigFlowWrapper:
         else:
             cond, uncond = self(x_t, t, text), self(x_t, t, neg_text)
         return TrigFlowPrediction(cfg(cond.F, uncond.F, guidance), cfg(cond.x0, uncond.x0, guidance))
-
-
-HALF_PI = math.pi / 2

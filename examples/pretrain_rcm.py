@@ -46,7 +46,7 @@ def main(argv=None):
 
     try:
         trainer = Trainer(config)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # bad input found before any work
         sys.exit(f"error: {e}")
     try:
         trainer.train()

@@ -26,6 +26,7 @@ setup(
         "tqdm>=4.60,<5",
         "psutil>=5.9",
         "accelerate>=1.0,<2",
+        "pillow>=10",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.0"],

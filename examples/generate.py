@@ -57,7 +57,8 @@ def load_network(path: str, net: str, dtype: torch.dtype):
         path = latest
     meta_file = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_file):
-        return from_pretrained(path, params_dtype=dtype), 1000.0
+        model = from_pretrained(path, params_dtype=dtype)
+        return model.eval(), float(model.config.timestep_scale)
     with open(meta_file) as f:
         meta = json.load(f)
     if meta["parallel"]["tensor_model_parallel_size"] != 1 or meta["parallel"]["pipeline_model_parallel_size"] != 1:
@@ -72,7 +73,7 @@ def load_network(path: str, net: str, dtype: torch.dtype):
                 p.copy_(shadow[name].to(p.dtype))
     else:
         model.load_state_dict(state["student"]["model"])
-    return model.eval(), float(meta.get("timestep_scale", 1000.0))
+    return model.eval(), float(meta.get("timestep_scale", model.config.timestep_scale))
 
 
 def write_mp4(path: str, frames: np.ndarray, fps: int) -> None:

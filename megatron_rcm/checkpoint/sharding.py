@@ -50,34 +50,22 @@ def load_full_state_dict(model: torch.nn.Module, full_sd: dict[str, torch.Tensor
         p.copy_(value.to(p.dtype))
 
 
+def _gather_tp(param, t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a tensor-parallel slice `t` of `param` (every rank of the TP group gets it)."""
+    d, tp = _partition_dim(param), state.tp_size()
+    if d is None or tp == 1:
+        return t.clone()
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(parts, t.contiguous(), group=state.tp_group())
+    return torch.cat(parts, dim=d)
+
+
 @torch.no_grad()
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Gather a tensor-parallel model's parameters into full tensors (on every rank of the TP group)."""
-    tp = state.tp_size()
-    out = {}
-    for name, p in model.named_parameters():
-        d = _partition_dim(p)
-        t = p.detach()
-        if d is not None and tp > 1:
-            parts = [torch.empty_like(t) for _ in range(tp)]
-            dist.all_gather(parts, t.contiguous(), group=state.tp_group())
-            t = torch.cat(parts, dim=d)
-        out[name] = t.clone()
-    return out
+    return {name: _gather_tp(p, p.detach()) for name, p in model.named_parameters()}
 
 
 def gather_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full gradients of a tensor-parallel model (for tests and diagnostics)."""
-    tp = state.tp_size()
-    out = {}
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        g = p.grad.detach()
-        d = _partition_dim(p)
-        if d is not None and tp > 1:
-            parts = [torch.empty_like(g) for _ in range(tp)]
-            dist.all_gather(parts, g.contiguous(), group=state.tp_group())
-            g = torch.cat(parts, dim=d)
-        out[name] = g.clone()
-    return out
+    return {name: _gather_tp(p, p.grad.detach()) for name, p in model.named_parameters() if p.grad is not None}

@@ -5,8 +5,9 @@ dist_checkpointing) format. Runs on a CPU-only machine, in one process; memory ~
   python tools/convert_checkpoint.py hf-to-mcore --model wan --input Wan2.1-T2V-1.3B-Diffusers --output ckpt/wan13b
   python tools/convert_checkpoint.py mcore-to-hf --model wan --input ckpt/wan13b --output wan13b-hf
 
-`hf-to-mcore` accepts a diffusers model folder, a diffusers pipeline folder (its transformer/ is used) or an
-original Wan-AI release folder (Wan-Video/Wan2.1 key names). The megatron checkpoint loads at any tensor-parallel
+`hf-to-mcore` accepts a diffusers model folder, a diffusers pipeline folder (its transformer/ is used), an
+original Wan-AI release folder (Wan-Video/Wan2.1 key names) or an original Cosmos-Predict2 release folder
+(`model.pt`, with `--preset cosmos-predict2-2b-t2i` or another Cosmos preset naming its architecture). The megatron checkpoint loads at any tensor-parallel
 size. `mcore-to-hf` writes config.json + safetensors that `WanTransformer3DModel.from_pretrained` loads. Outputs are
 written to a side directory and renamed into place at the end: a failed conversion leaves no output behind.
 """
@@ -35,7 +36,7 @@ def _meta_model(arch, config):
 
 
 def hf_to_mcore(args) -> None:
-    arch, config, kind, directory = loading.inspect_checkpoint(args.input, args.model)
+    arch, config, kind, directory = loading.inspect_checkpoint(args.input, args.model, args.preset)
     if kind == "megatron":
         raise ValueError(f"{args.input} is already a megatron-rcm checkpoint")
     print(f"reading {kind} {arch.name} checkpoint from {directory}", flush=True)
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
         p.add_argument("--input", required=True, help="source checkpoint directory")
         p.add_argument("--output", required=True, help="destination directory (must not exist unless --overwrite)")
         p.add_argument("--dtype", choices=sorted(DTYPES), help="cast every tensor (default: keep stored dtypes)")
+        p.add_argument("--preset", help="architecture of an original Cosmos-Predict2 release (model.pt has no "
+                                         "config), e.g. cosmos-predict2-2b-t2i")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     if os.path.exists(args.output) and not args.overwrite:

@@ -85,10 +85,15 @@ def build_model(arch: Architecture, config, params_dtype=torch.float32, sequence
                               perform_initialization=perform_initialization)
 
 
-def inspect_checkpoint(path: str, model: str | None = None):
+ORIGINAL_PICKLE = "model.pt"
+"""File name of the original Cosmos-Predict2 release weights (a torch pickle without a config)."""
+
+
+def inspect_checkpoint(path: str, model: str | None = None, preset: str | None = None):
     """Return (architecture, config, kind, directory) for a checkpoint directory, or raise a clear error.
 
-    kind is 'megatron', 'diffusers' or 'original'."""
+    kind is 'megatron', 'diffusers' or 'original'. An original Cosmos-Predict2 release (`model.pt`, no config)
+    needs `preset` to name its architecture."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     header = io.read_header(path)
@@ -105,6 +110,14 @@ def inspect_checkpoint(path: str, model: str | None = None):
         elif "dim" in cfg and "num_heads" in cfg and model in (None, "wan"):
             arch = ARCHITECTURES["wan"]
             kind, config = "original", arch.config_from_original(cfg)
+        elif os.path.isfile(os.path.join(directory, ORIGINAL_PICKLE)) and preset is not None:
+            from megatron_rcm.models import get_preset
+
+            name, config = get_preset(preset)
+            arch, kind = ARCHITECTURES[name], "original"
+        elif os.path.isfile(os.path.join(directory, ORIGINAL_PICKLE)):
+            raise ValueError(f"{path} looks like an original Cosmos-Predict2 release ({ORIGINAL_PICKLE}, no config): "
+                             f"name its architecture with a preset (e.g. cosmos-predict2-2b-t2i)")
         else:
             expected = ", ".join(a.hf_class_name for a in ARCHITECTURES.values())
             raise ValueError(
@@ -119,7 +132,15 @@ def inspect_checkpoint(path: str, model: str | None = None):
 
 def read_full_state_dict(arch: Architecture, config, kind: str, directory: str) -> dict[str, torch.Tensor]:
     """The full (unsharded) megatron-named state dict of a diffusers or original checkpoint."""
-    sd = hf.read_state_dict(directory)
+    pickle = os.path.join(directory, ORIGINAL_PICKLE)
+    if kind == "original" and os.path.isfile(pickle):
+        try:  # tensors only: never unpickle code from a downloaded file
+            sd = torch.load(pickle, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise ValueError(f"{pickle} is not a plain tensor state dict ({e})") from None
+        sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+    else:
+        sd = hf.read_state_dict(directory)
     if kind == "original":
         sd = arch.original_to_hf(sd)
     try:
@@ -129,14 +150,15 @@ def read_full_state_dict(arch: Architecture, config, kind: str, directory: str) 
 
 
 def from_pretrained(path: str, *, params_dtype: torch.dtype = torch.bfloat16, sequence_parallel: bool = False,
-                    device=None, model: str | None = None) -> torch.nn.Module:
+                    device=None, model: str | None = None, preset: str | None = None) -> torch.nn.Module:
     """Load a DiT in the current parallel layout (a one-process layout is set up if none exists).
 
     `path`: a diffusers model folder (the `transformer` folder of a pipeline, or the pipeline folder itself), an
-    original Wan-AI release folder, or a megatron-rcm checkpoint. `model` ('wan', ...) checks the family.
+    original Wan-AI release folder, an original Cosmos-Predict2 release folder (`model.pt`; give `preset`), or a
+    megatron-rcm checkpoint. `model` ('wan', 'cosmos') checks the family.
     """
     state.ensure_parallel()
-    arch, config, kind, directory = inspect_checkpoint(path, model)
+    arch, config, kind, directory = inspect_checkpoint(path, model, preset)
     net = build_model(arch, config, params_dtype, sequence_parallel, device, perform_initialization=False)
     if kind == "megatron":
         io.load_model(net, directory)

@@ -175,3 +175,23 @@ def test_original_release_names_agree_with_diffusers_converter(pair):
         assert torch.equal(p, ours_sd[name]), name
     with pytest.raises(KeyError, match="surprise"):
         cosmos_keys.original_to_hf({"net.blocks.0.surprise.weight": torch.zeros(1)})
+
+
+def test_original_release_pickle_imports_with_a_preset(tmp_path, pair):
+    """An original-release folder (`model.pt`, no config) converts with --preset and loads like the diffusers one."""
+    ref, ours = pair
+    (tmp_path / "orig").mkdir()
+    torch.save(cosmos_keys.hf_to_original(ref.state_dict()), tmp_path / "orig" / "model.pt")
+    with pytest.raises(ValueError, match="name its architecture with a preset"):
+        from_pretrained(str(tmp_path / "orig"), params_dtype=torch.float32)
+    net = from_pretrained(str(tmp_path / "orig"), params_dtype=torch.float32, preset="cosmos-tiny")
+    expected = dict(ours.named_parameters())
+    for name, p in net.named_parameters():
+        assert torch.equal(p, expected[name]), name
+    tool = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools", "convert_checkpoint.py")]
+    r = subprocess.run([*tool, "hf-to-mcore", "--model", "cosmos", "--preset", "cosmos-tiny", "--input",
+                        str(tmp_path / "orig"), "--output", str(tmp_path / "mcore")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    net = from_pretrained(str(tmp_path / "mcore"), params_dtype=torch.float32)
+    for name, p in net.named_parameters():
+        assert torch.equal(p, expected[name]), name

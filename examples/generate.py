@@ -13,7 +13,6 @@ tokenizer, VAE).
 
 import argparse
 import json
-import math
 import os
 import sys
 import time

@@ -21,7 +21,7 @@ def _setup():
     from wan_reference import megatron_state_dict
 
     from megatron_rcm.checkpoint.sharding import load_full_state_dict
-    from megatron_rcm.models.wan import PRESETS, WanConfig, WanModel
+    from megatron_rcm.models.wan import PRESETS, WanModel
     from diffusers import WanTransformer3DModel
 
     cfg = dataclasses.replace(PRESETS["wan2.1-t2v-1.3b"], num_layers=2, num_attention_heads=4, ffn_dim=1024,

@@ -17,7 +17,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron_rcm.models import tangent as T
 from megatron_rcm.models.attention import attention, attention_jvp
 from megatron_rcm.models.fusion import fused
-from megatron_rcm.models.rope import apply_rope_interleaved
+from megatron_rcm.models.rope import apply_rope_half, apply_rope_interleaved
 from megatron_rcm.parallel import state
 
 
@@ -42,20 +42,21 @@ def _init_normal(std: float):
     return init
 
 
-def column(cfg: ModelParallelConfig, n_in: int, n_out: int) -> tensor_parallel.ColumnParallelLinear:
+def column(cfg: ModelParallelConfig, n_in: int, n_out: int, bias: bool = True) -> tensor_parallel.ColumnParallelLinear:
     return tensor_parallel.ColumnParallelLinear(
-        n_in, n_out, config=cfg, init_method=_init_normal(1.0 / math.sqrt(n_in)), bias=True,
+        n_in, n_out, config=cfg, init_method=_init_normal(1.0 / math.sqrt(n_in)), bias=bias,
         gather_output=False, skip_bias_add=True)
 
 
-def row(cfg: ModelParallelConfig, n_in: int, n_out: int) -> tensor_parallel.RowParallelLinear:
+def row(cfg: ModelParallelConfig, n_in: int, n_out: int, bias: bool = True) -> tensor_parallel.RowParallelLinear:
     layer = tensor_parallel.RowParallelLinear(
-        n_in, n_out, config=cfg, init_method=_init_normal(1.0 / math.sqrt(n_in)), bias=True,
+        n_in, n_out, config=cfg, init_method=_init_normal(1.0 / math.sqrt(n_in)), bias=bias,
         input_is_parallel=True, skip_bias_add=True)
-    # The bias is added to sequence-parallel tokens by `tangent.parallel_linear`, which makes its gradient
-    # complete in-graph (replicate_for_sequence_parallel); megatron's separate reduction must not run too.
-    layer.bias.sequence_parallel = False
-    layer.bias_needs_sequence_parallel_replication = cfg.sequence_parallel
+    if bias:
+        # The bias is added to sequence-parallel tokens by `tangent.parallel_linear`, which makes its gradient
+        # complete in-graph (replicate_for_sequence_parallel); megatron's separate reduction must not run too.
+        layer.bias.sequence_parallel = False
+        layer.bias_needs_sequence_parallel_replication = cfg.sequence_parallel
     return layer
 
 
@@ -122,8 +123,8 @@ def _qk_norm_stats(y, ty, bias, heads: int, n_parts: int, head_dim: int, n_norm:
 
 
 @fused
-def _qk_norm_rope(y, ty, bias, stats, weights, cos, sin, eps: float, full_dim: int, heads: int, n_parts: int,
-                  head_dim: int, dtype: torch.dtype):
+def _qk_norm_rope(y, ty, bias, stats, weights, cos, sin, half_rope: bool, eps: float, full_dim: int, heads: int,
+                  n_parts: int, head_dim: int, dtype: torch.dtype):
     """Bias, q/k RMSNorm (from all-reduced `stats`), RoPE (q/k), cast: a list of n_parts (x, tx) pairs
     [S, B, heads, head_dim]; parts past the normed ones (v) only get the bias."""
     a, ta = _biased_parts(y, ty, bias, heads, n_parts, head_dim)
@@ -133,8 +134,9 @@ def _qk_norm_rope(y, ty, bias, stats, weights, cos, sin, eps: float, full_dim: i
         if stats is not None and i < len(weights):
             x, tx = T.rms_apply(x, tx, stats[..., i, :, :], weights[i], eps, full_dim)
             if cos is not None:
-                x = apply_rope_interleaved(x, cos, sin)
-                tx = None if tx is None else apply_rope_interleaved(tx, cos, sin)
+                rotate = apply_rope_half if half_rope else apply_rope_interleaved
+                x = rotate(x, cos, sin)
+                tx = None if tx is None else rotate(tx, cos, sin)
         out.append(T.cast(x, tx, dtype))
     return out
 
@@ -153,14 +155,18 @@ class AttentionConfig:
     """'across_heads' (Wan: RMSNorm over all heads' channels), 'per_head' (Cosmos) or 'none'."""
     context_dim: int | None = None
     """Width of the cross-attention context (None: self-attention)."""
+    bias: bool = True
+    """Biases on the projections (Wan: yes; Cosmos: no)."""
+    rope_style: str = "interleaved"
+    """RoPE on channel pairs (2i, 2i+1) ('interleaved', Wan) or on halves (x[:D/2], x[D/2:]) ('half', Cosmos)."""
 
 
 @fused
-def _qk_norm_rope_local(y, ty, bias, weights, cos, sin, per_head: bool, eps: float, full_dim: int, heads: int,
-                        n_parts: int, head_dim: int, dtype: torch.dtype):
+def _qk_norm_rope_local(y, ty, bias, weights, cos, sin, per_head: bool, half_rope: bool, eps: float, full_dim: int,
+                        heads: int, n_parts: int, head_dim: int, dtype: torch.dtype):
     stats = _qk_norm_stats.__wrapped__(y, ty, bias, heads, n_parts, head_dim, len(weights), per_head)
-    return _qk_norm_rope.__wrapped__(y, ty, bias, stats, weights, cos, sin, eps, full_dim, heads, n_parts,
-                                     head_dim, dtype)
+    return _qk_norm_rope.__wrapped__(y, ty, bias, stats, weights, cos, sin, half_rope, eps, full_dim, heads,
+                                     n_parts, head_dim, dtype)
 
 
 class Attention(torch.nn.Module):
@@ -176,18 +182,20 @@ class Attention(torch.nn.Module):
         tp = cfg.tensor_model_parallel_size
         if attn.num_heads % tp != 0:
             raise ValueError(f"tensor-parallel size {tp} does not divide the {attn.num_heads} attention heads")
+        if attn.rope_style not in ("interleaved", "half"):
+            raise ValueError(f"unknown rope_style {attn.rope_style!r}")
         self.attn = attn
         self.cfg = cfg
         self.heads_per_rank = attn.num_heads // tp
         inner = attn.num_heads * attn.head_dim
         self.is_cross = attn.context_dim is not None
         if self.is_cross:
-            self.linear_q = column(cfg, attn.hidden_size, inner)
+            self.linear_q = column(cfg, attn.hidden_size, inner, attn.bias)
             # text tokens are not split by sequence parallelism: no gather on the key/value projection
             kv_cfg = dataclasses.replace(cfg, sequence_parallel=False)
-            self.linear_kv = column(kv_cfg, attn.context_dim, 2 * inner)
+            self.linear_kv = column(kv_cfg, attn.context_dim, 2 * inner, attn.bias)
         else:
-            self.linear_qkv = column(cfg, attn.hidden_size, 3 * inner)
+            self.linear_qkv = column(cfg, attn.hidden_size, 3 * inner, attn.bias)
         if attn.qk_norm == "across_heads":
             self.q_norm = sharded_norm_weight(self.heads_per_rank * attn.head_dim, cfg.params_dtype)
             self.k_norm = sharded_norm_weight(self.heads_per_rank * attn.head_dim, cfg.params_dtype)
@@ -196,7 +204,7 @@ class Attention(torch.nn.Module):
             self.k_norm = torch.nn.Parameter(torch.ones(attn.head_dim, dtype=cfg.params_dtype))
         elif attn.qk_norm != "none":
             raise ValueError(f"unknown qk_norm {attn.qk_norm!r}")
-        self.linear_proj = row(cfg, inner, attn.hidden_size)
+        self.linear_proj = row(cfg, inner, attn.hidden_size, attn.bias)
 
     def _project(self, layer, x, tx, n_parts: int, norm_weights: tuple, rope):
         """Fused projection -> bias, RMSNorm of the first len(norm_weights) parts, RoPE -> list of (x, tx)
@@ -206,9 +214,10 @@ class Attention(torch.nn.Module):
         cos, sin = (None, None) if rope is None else rope
         per_head = a.qk_norm == "per_head"
         full_dim = a.head_dim if per_head else a.num_heads * a.head_dim
+        half_rope = a.rope_style == "half"
         args = (a.eps, full_dim, self.heads_per_rank, n_parts, a.head_dim, y.dtype)
         if a.qk_norm == "none":
-            return _qk_norm_rope(y, ty, bias, None, (), cos, sin, *args)
+            return _qk_norm_rope(y, ty, bias, None, (), cos, sin, half_rope, *args)
         if not per_head:
             norm_weights = tuple(w.view(self.heads_per_rank, a.head_dim) for w in norm_weights)
         elif self.cfg.tensor_model_parallel_size > 1:
@@ -217,10 +226,10 @@ class Attention(torch.nn.Module):
                                  else w for w in norm_weights)
         if per_head or self.cfg.tensor_model_parallel_size == 1:
             # statistics are local: one fused region
-            return _qk_norm_rope_local(y, ty, bias, norm_weights, cos, sin, per_head, *args)
+            return _qk_norm_rope_local(y, ty, bias, norm_weights, cos, sin, per_head, half_rope, *args)
         stats = _qk_norm_stats(y, ty, bias, self.heads_per_rank, n_parts, a.head_dim, len(norm_weights), False)
         stats = T.all_reduce_sum(stats, state.tp_group())
-        return _qk_norm_rope(y, ty, bias, stats, norm_weights, cos, sin, *args)
+        return _qk_norm_rope(y, ty, bias, stats, norm_weights, cos, sin, half_rope, *args)
 
     def forward(self, x, tx=None, rope=None, context=None, add_bias: bool = True):
         """x [s, b, h] (sequence-parallel shard or full); `rope` = (cos, sin) [S, 1, 1, D/2] tables for
@@ -241,17 +250,21 @@ class Attention(torch.nn.Module):
 
 
 class MLP(torch.nn.Module):
-    """fc1 (column parallel) -> GELU(tanh) -> fc2 (row parallel)."""
+    """fc1 (column parallel) -> GELU (tanh approximation: Wan; exact 'gelu_erf': Cosmos) -> fc2 (row parallel)."""
 
-    def __init__(self, hidden_size: int, ffn_size: int, cfg: ModelParallelConfig):
+    def __init__(self, hidden_size: int, ffn_size: int, cfg: ModelParallelConfig, bias: bool = True,
+                 activation: str = "gelu_tanh"):
         super().__init__()
-        self.linear_fc1 = column(cfg, hidden_size, ffn_size)
-        self.linear_fc2 = row(cfg, ffn_size, hidden_size)
+        if activation not in ("gelu_tanh", "gelu_erf"):
+            raise ValueError(f"unknown activation {activation!r}")
+        self.exact_gelu = activation == "gelu_erf"
+        self.linear_fc1 = column(cfg, hidden_size, ffn_size, bias)
+        self.linear_fc2 = row(cfg, ffn_size, hidden_size, bias)
 
     def forward(self, x, tx=None, add_bias: bool = True):
         """Returns (out, out_tangent), or (out, out_tangent, bias) with `add_bias=False`."""
         h, th, bias = T.parallel_linear_nobias(self.linear_fc1, x, tx)
-        h, th = _bias_gelu(h, th, bias)
+        h, th = _bias_gelu(h, th, bias, self.exact_gelu)
         y, ty, bias = T.parallel_linear_nobias(self.linear_fc2, h, th)
         if add_bias:
             return (y if bias is None else y + bias), ty
@@ -259,10 +272,37 @@ class MLP(torch.nn.Module):
 
 
 @fused
-def _bias_gelu(h, th, bias):
+def _bias_gelu(h, th, bias, exact: bool):
     if bias is not None:
         h = h + bias
-    return T.gelu_tanh(h, th)
+    return T.gelu_erf(h, th) if exact else T.gelu_tanh(h, th)
+
+
+@fused
+def modulated_norm(x, tx, shift, tshift, scale, tscale, eps: float):
+    """LayerNorm (no affine, high precision) -> x (1 + scale) + shift -> x's dtype."""
+    n, tn = T.layer_norm(x, tx, eps)
+    return T.cast(*T.modulate(n, tn, shift, tshift, scale, tscale), x.dtype)
+
+
+@fused
+def affine_norm(x, tx, weight, bias, eps: float):
+    return T.cast(*T.layer_norm(x, tx, eps, weight, bias), x.dtype)
+
+
+@fused
+def gated_residual(x, tx, a, ta, bias, gate, tgate):
+    """x + (a + bias) * gate in the gate's (high) precision -> x's dtype."""
+    if bias is not None:
+        a = a + bias
+    return T.cast(*T.gated_residual(x, tx, a, ta, gate, tgate), x.dtype)
+
+
+@fused
+def residual(x, tx, a, ta, bias):
+    if bias is not None:
+        a = a + bias
+    return T.add(x, tx, a, ta)
 
 
 def sinusoidal_embedding(t, tt, dim: int, max_period: float = 10000.0):

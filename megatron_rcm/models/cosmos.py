@@ -2,8 +2,8 @@
 
 Shared with Wan (wan.py): the megatron layer config, the tangent rules (tangent.py), attention and its JVP
 (attention.py), the sinusoid, the sequence-parallel replication rule and the fused elementwise regions. What
-differs lives here, including the attention and MLP blocks, which the shared ones (blocks.py) cannot express
-(no biases, rotate-half RoPE, exact GELU):
+differs lives here; the attention and MLP are the shared blocks (blocks.py) in their bias-free, rotate-half-RoPE,
+per-head-norm and exact-GELU settings:
 
 - **Time conditioning.** The sinusoid has the model width. It feeds (a) `t_embedder` (Linear -> SiLU -> Linear to
   3 x width, no biases) whose output `temb` is added to *every* modulation, and (b) an affine RMSNorm whose output
@@ -39,10 +39,17 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
 from megatron_rcm.models import tangent as T
-from megatron_rcm.models.attention import attention, attention_jvp
-from megatron_rcm.models.blocks import parallel_config, replicate_for_sequence_parallel, sinusoidal_embedding
-from megatron_rcm.models.fusion import fused
-from megatron_rcm.models.rope import axis_dims
+from megatron_rcm.models.blocks import (
+    MLP,
+    Attention,
+    AttentionConfig,
+    gated_residual,
+    modulated_norm,
+    parallel_config,
+    replicate_for_sequence_parallel,
+    sinusoidal_embedding,
+)
+from megatron_rcm.models.rope import rope_angles_ntk
 from megatron_rcm.parallel import state
 
 
@@ -162,162 +169,6 @@ PRESETS: dict[str, CosmosConfig] = {
 # ---------------------------------------------------------------------------------------------------
 # Pieces the shared blocks do not have (candidates for blocks.py / tangent.py / rope.py)
 
-_SQRT_HALF = math.sqrt(0.5)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-@fused
-def gelu_erf(x, tx):
-    """Exact GELU x Phi(x); derivative Phi(x) + x phi(x)."""
-    y = F.gelu(x)
-    if tx is None:
-        return y, None
-    dy = 0.5 * (1 + torch.erf(x * _SQRT_HALF)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-    return y, tx * dy
-
-
-def rope_angles_ntk(grid, head_dim: int, rope_scale, fps: float | None = None, base_fps: float = 24.0,
-                    theta: float = 10000.0, device=None) -> torch.Tensor:
-    """Angles [F*H*W, head_dim/2] in float64, tokens in row-major (f, h, w) order, channels (frame, height, width).
-
-    Each axis's base is NTK-scaled: theta * scale^(d/(d-2)); with `fps` the frame positions are f * base_fps / fps.
-    """
-    parts = []
-    for axis, (size, dim, scale) in enumerate(zip(grid, axis_dims(head_dim), rope_scale)):
-        base = theta * scale ** (dim / (dim - 2))
-        freqs = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device)[: dim // 2] / dim)
-        pos = torch.arange(size, dtype=torch.float64, device=device)
-        if axis == 0 and fps is not None:
-            pos = pos / fps * base_fps
-        parts.append(torch.outer(pos, freqs))
-    f, h, w = grid
-    af = parts[0][:, None, None, :].expand(f, h, w, -1)
-    ah = parts[1][None, :, None, :].expand(f, h, w, -1)
-    aw = parts[2][None, None, :, :].expand(f, h, w, -1)
-    return torch.cat([af, ah, aw], dim=-1).reshape(f * h * w, -1)
-
-
-def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (x[:D/2], x[D/2:]) of x [S, B, H, D] by cos/sin [S, 1, 1, D/2]; computed in cos's dtype."""
-    x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-def _init_normal(std: float):
-    return lambda w: torch.nn.init.normal_(w, std=std)
-
-
-def _column(cfg, n_in: int, n_out: int) -> tensor_parallel.ColumnParallelLinear:
-    return tensor_parallel.ColumnParallelLinear(
-        n_in, n_out, config=cfg, init_method=_init_normal(1.0 / math.sqrt(n_in)), bias=False, gather_output=False,
-        skip_bias_add=True)
-
-
-def _row(cfg, n_in: int, n_out: int) -> tensor_parallel.RowParallelLinear:
-    return tensor_parallel.RowParallelLinear(
-        n_in, n_out, config=cfg, init_method=_init_normal(1.0 / math.sqrt(n_in)), bias=False, input_is_parallel=True,
-        skip_bias_add=True)
-
-
-@fused
-def _qk_norm_rope(x, tx, weight, cos, sin, eps: float):
-    """Per-head RMSNorm then (optionally) rotate-half RoPE of x [S, B, H, D] -> x's dtype."""
-    y, ty = T.rms_norm(x, tx, weight, eps, x.shape[-1])
-    if cos is not None:
-        y = apply_rope_half(y, cos, sin)
-        ty = None if ty is None else apply_rope_half(ty, cos, sin)
-    return y, ty
-
-
-def _to_attention_layout(x):
-    # [S, B, H, D] -> [B, H, S, D] view (kernels and SDPA take strides)
-    return None if x is None else x.permute(1, 2, 0, 3)
-
-
-def _attend(q, tq, k, tk, v, tv):
-    """q/k/v in [S, B, H, D] -> [S, B, H*D] outputs (and tangents)."""
-    q, k, v, tq, tk, tv = (_to_attention_layout(a) for a in (q, k, v, tq, tk, tv))
-    if tq is None:
-        o, to = attention(q, k, v), None
-    else:
-        o, to, _, _ = attention_jvp(q, k, v, tq, tk, tv)
-    back = lambda a: None if a is None else a.permute(2, 0, 1, 3).flatten(2)  # noqa: E731
-    return back(o), back(to)
-
-
-class CosmosAttention(torch.nn.Module):
-    """Self- or cross-attention without biases, q/k RMSNorm per head, optional (rotate-half) RoPE.
-
-    Same fused layouts as the shared blocks' Attention, so a tensor-parallel rank's row slice holds whole heads:
-    self-attention q/k/v ordered (head, {q,k,v}, channel), cross-attention k/v ordered (head, {k,v}, channel).
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, eps: float, cfg,
-                 context_dim: int | None = None):
-        super().__init__()
-        tp = cfg.tensor_model_parallel_size
-        if num_heads % tp != 0:
-            raise ValueError(f"tensor-parallel size {tp} does not divide the {num_heads} attention heads")
-        self.cfg = cfg
-        self.eps = eps
-        self.head_dim = head_dim
-        self.heads_per_rank = num_heads // tp
-        inner = num_heads * head_dim
-        self.is_cross = context_dim is not None
-        if self.is_cross:
-            self.linear_q = _column(cfg, hidden_size, inner)
-            # text tokens are not split by sequence parallelism: no gather on the key/value projection
-            self.linear_kv = _column(dataclasses.replace(cfg, sequence_parallel=False), context_dim, 2 * inner)
-        else:
-            self.linear_qkv = _column(cfg, hidden_size, 3 * inner)
-        self.q_norm = torch.nn.Parameter(torch.ones(head_dim, dtype=cfg.params_dtype))
-        self.k_norm = torch.nn.Parameter(torch.ones(head_dim, dtype=cfg.params_dtype))
-        self.linear_proj = _row(cfg, inner, hidden_size)
-
-    def _heads(self, y, ty, n_parts: int):
-        """[S, B, heads*(n_parts*head_dim)] laid out per head -> n_parts (x, tx) pairs [S, B, heads, head_dim]."""
-        shape = (self.heads_per_rank, n_parts, self.head_dim)
-        y = y.unflatten(-1, shape)
-        ty = None if ty is None else ty.unflatten(-1, shape)
-        return [(y[..., i, :], None if ty is None else ty[..., i, :]) for i in range(n_parts)]
-
-    def _norm_weight(self, weight):
-        # The per-head weight is replicated, but each tensor-parallel rank applies it to its own heads only:
-        # identity forward / all-reduce backward makes its gradient complete (attention runs on the gathered
-        # sequence, so this covers sequence parallelism too).
-        if self.cfg.tensor_model_parallel_size > 1 and weight.requires_grad:
-            return tensor_parallel.copy_to_tensor_model_parallel_region(weight)
-        return weight
-
-    def forward(self, x, tx=None, rope=None, context=None):
-        """x [s, b, h] (sequence-parallel shard or full); `rope` = (cos, sin) [S, 1, 1, D/2] tables; `context`
-        [L, b, context_dim] for cross-attention (it carries no tangent)."""
-        if self.is_cross:
-            ((q, tq),) = self._heads(*T.parallel_linear(self.linear_q, x, tx), 1)
-            (k, tk), (v, tv) = self._heads(*T.parallel_linear(self.linear_kv, context, None), 2)
-        else:
-            (q, tq), (k, tk), (v, tv) = self._heads(*T.parallel_linear(self.linear_qkv, x, tx), 3)
-        cos, sin = (None, None) if rope is None else rope
-        q, tq = _qk_norm_rope(q, tq, self._norm_weight(self.q_norm), cos, sin, self.eps)
-        k, tk = _qk_norm_rope(k, tk, self._norm_weight(self.k_norm), cos, sin, self.eps)
-        o, to = _attend(q, tq, k, tk, v, tv)
-        return T.parallel_linear(self.linear_proj, o, to)
-
-
-class MLP(torch.nn.Module):
-    """fc1 (column parallel) -> exact GELU -> fc2 (row parallel), no biases."""
-
-    def __init__(self, hidden_size: int, ffn_size: int, cfg):
-        super().__init__()
-        self.linear_fc1 = _column(cfg, hidden_size, ffn_size)
-        self.linear_fc2 = _row(cfg, ffn_size, hidden_size)
-
-    def forward(self, x, tx=None):
-        h, th = T.parallel_linear(self.linear_fc1, x, tx)
-        h, th = gelu_erf(h, th)
-        return T.parallel_linear(self.linear_fc2, h, th)
-
-
 class AdaLNLoRA(torch.nn.Module):
     """Low-rank modulation: Linear(width -> rank) -> Linear(rank -> n x width) of SiLU(embedded timestep), + temb."""
 
@@ -371,19 +222,6 @@ class LearnablePositionEmbedding(torch.nn.Module):
         return emb / (self.eps + rms)
 
 
-@fused
-def _modulated_norm(x, tx, shift, tshift, scale, tscale, eps: float):
-    """LayerNorm (no affine, high precision) -> x (1 + scale) + shift -> x's dtype."""
-    n, tn = T.layer_norm(x, tx, eps)
-    return T.cast(*T.modulate(n, tn, shift, tshift, scale, tscale), x.dtype)
-
-
-@fused
-def _gated_residual(x, tx, a, ta, gate, tgate):
-    """x + a * gate in the gate's (high) precision -> x's dtype."""
-    return T.cast(*T.gated_residual(x, tx, a, ta, gate, tgate), x.dtype)
-
-
 class CosmosBlock(torch.nn.Module):
     def __init__(self, config: CosmosConfig, cfg, high_dtype: torch.dtype):
         super().__init__()
@@ -392,20 +230,21 @@ class CosmosBlock(torch.nn.Module):
         self.cfg = cfg
         self.adaln_self_attention = AdaLNLoRA(h, r, 3, high_dtype)
         heads, d = config.num_attention_heads, config.attention_head_dim
-        self.self_attention = CosmosAttention(h, heads, d, config.qk_norm_eps, cfg)
+        self.self_attention = Attention(AttentionConfig(h, heads, d, config.qk_norm_eps, "per_head", bias=False,
+                                                        rope_style="half"), cfg)
         self.adaln_cross_attention = AdaLNLoRA(h, r, 3, high_dtype)
-        self.cross_attention = CosmosAttention(h, heads, d, config.qk_norm_eps, cfg,
-                                               context_dim=config.text_embed_dim)
+        self.cross_attention = Attention(AttentionConfig(h, heads, d, config.qk_norm_eps, "per_head",
+                                                         context_dim=config.text_embed_dim, bias=False), cfg)
         self.adaln_mlp = AdaLNLoRA(h, r, 3, high_dtype)
-        self.mlp = MLP(h, config.ffn_dim, cfg)
+        self.mlp = MLP(h, config.ffn_dim, cfg, bias=False, activation="gelu_erf")
 
     def _branch(self, x, tx, adaln, cond, branch):
         """x + gate * branch(LayerNorm(x) (1 + scale) + shift)."""
         (shift, tshift), (scale, tscale), (gate, tgate) = cond.modulation(adaln)
         xv, txv = cond.view(x), cond.view(tx)
-        n, tn = _modulated_norm(xv, txv, shift, tshift, scale, tscale, self.eps)
+        n, tn = modulated_norm(xv, txv, shift, tshift, scale, tscale, self.eps)
         a, ta = branch(cond.unview(n), cond.unview(tn))
-        y, ty = _gated_residual(xv, txv, cond.view(a), cond.view(ta), gate, tgate)
+        y, ty = gated_residual(xv, txv, cond.view(a), cond.view(ta), None, gate, tgate)
         return cond.unview(y), cond.unview(ty)
 
     def forward(self, x, tx, cond: "_Conditioning", rope, context, pos):

@@ -85,6 +85,19 @@ def gelu_tanh(x, tx):
     return y, tx * dy
 
 
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def gelu_erf(x, tx):
+    """Exact GELU x Phi(x); derivative Phi(x) + x phi(x)."""
+    y = F.gelu(x)
+    if tx is None:
+        return y, None
+    dy = 0.5 * (1 + torch.erf(x * _SQRT_HALF)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return y, tx * dy
+
+
 def layer_norm(x, tx, eps: float, weight=None, bias=None):
     """LayerNorm over the last dimension in at least float32; returns the compute dtype."""
     ct = compute_dtype(x.dtype)

@@ -19,10 +19,13 @@ from megatron_rcm.models.blocks import (
     AttentionConfig,
     TextProjection,
     TimestepEmbedding,
+    affine_norm,
+    gated_residual,
+    modulated_norm,
     parallel_config,
     replicate_for_sequence_parallel,
+    residual,
 )
-from megatron_rcm.models.fusion import fused
 from megatron_rcm.models.rope import rope_angles
 from megatron_rcm.parallel import state
 
@@ -96,33 +99,6 @@ PRESETS: dict[str, WanConfig] = {
 }
 
 
-@fused
-def _modulated_norm(x, tx, shift, tshift, scale, tscale, eps: float):
-    """LayerNorm (no affine, high precision) -> x (1 + scale) + shift -> x's dtype."""
-    n, tn = T.layer_norm(x, tx, eps)
-    return T.cast(*T.modulate(n, tn, shift, tshift, scale, tscale), x.dtype)
-
-
-@fused
-def _affine_norm(x, tx, weight, bias, eps: float):
-    return T.cast(*T.layer_norm(x, tx, eps, weight, bias), x.dtype)
-
-
-@fused
-def _gated_residual(x, tx, a, ta, bias, gate, tgate):
-    """x + (a + bias) * gate in the gate's (high) precision -> x's dtype."""
-    if bias is not None:
-        a = a + bias
-    return T.cast(*T.gated_residual(x, tx, a, ta, gate, tgate), x.dtype)
-
-
-@fused
-def _residual(x, tx, a, ta, bias):
-    if bias is not None:
-        a = a + bias
-    return T.add(x, tx, a, ta)
-
-
 class WanBlock(torch.nn.Module):
     def __init__(self, config: WanConfig, cfg, high_dtype: torch.dtype):
         super().__init__()
@@ -145,19 +121,19 @@ class WanBlock(torch.nn.Module):
         shift, scale, gate, c_shift, c_scale, c_gate = mods
         tshift, tscale, tgate, tc_shift, tc_scale, tc_gate = tmods
 
-        n, tn = _modulated_norm(x, tx, shift, tshift, scale, tscale, self.eps)
+        n, tn = modulated_norm(x, tx, shift, tshift, scale, tscale, self.eps)
         a, ta, bias = self.self_attention(n, tn, rope=rope, add_bias=False)
-        x, tx = _gated_residual(x, tx, a, ta, bias, gate, tgate)
+        x, tx = gated_residual(x, tx, a, ta, bias, gate, tgate)
 
         w = replicate_for_sequence_parallel(self.cross_attention_norm.weight, self.cfg)
         b = replicate_for_sequence_parallel(self.cross_attention_norm.bias, self.cfg)
-        n, tn = _affine_norm(x, tx, w, b, self.eps)
+        n, tn = affine_norm(x, tx, w, b, self.eps)
         a, ta, bias = self.cross_attention(n, tn, context=context, add_bias=False)
-        x, tx = _residual(x, tx, a, ta, bias)
+        x, tx = residual(x, tx, a, ta, bias)
 
-        n, tn = _modulated_norm(x, tx, c_shift, tc_shift, c_scale, tc_scale, self.eps)
+        n, tn = modulated_norm(x, tx, c_shift, tc_shift, c_scale, tc_scale, self.eps)
         f, tf, bias = self.mlp(n, tn, add_bias=False)
-        return _gated_residual(x, tx, f, tf, bias, c_gate, tc_gate)
+        return gated_residual(x, tx, f, tf, bias, c_gate, tc_gate)
 
 
 class WanModel(torch.nn.Module):

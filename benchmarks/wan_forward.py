@@ -15,25 +15,7 @@ import warnings
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-
-
-def timed(fn, iters: int, warmup: int = 2):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return {"ms_median": times[len(times) // 2], "ms_min": times[0],
-            "peak_activation_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+from timing import timed  # noqa: E402
 
 
 def main():

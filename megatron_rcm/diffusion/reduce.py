@@ -50,9 +50,22 @@ def expand_as_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
 
 
+def draw(sampler, shape, generator: Optional[torch.Generator], device, dtype=torch.float64) -> torch.Tensor:
+    """`sampler(shape)` (`torch.randn`, `torch.rand`) on `device`, drawn on the generator's own device and then moved.
+    A CPU generator therefore gives the same numbers on CPU and CUDA (the training loop passes one); a CUDA
+    generator draws on its GPU; without a generator the default RNG of `device` draws."""
+    return sampler(shape, generator=generator, dtype=dtype, device=_source(generator, device)).to(device)
+
+
+def _source(generator: Optional[torch.Generator], device) -> torch.device:
+    """Where a draw from `generator` happens: the generator's device (the default RNG of `device` without one)."""
+    return generator.device if generator is not None else torch.device(device)
+
+
 def randn_like(x: torch.Tensor, generator: Optional[torch.Generator] = None, dtype=torch.float64) -> torch.Tensor:
-    """Standard normal noise shaped like `x` from an explicit generator (float64 by default)."""
-    return torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device)
+    """Standard normal noise shaped like `x` from an explicit generator (float64 by default), drawn on the
+    generator's device (see `draw`)."""
+    return draw(torch.randn, x.shape, generator, x.device, dtype)
 
 
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
@@ -63,12 +76,13 @@ NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 def sharded_noise_fn(generator: torch.Generator, dim: int, rank: int, world_size: int) -> NoiseFn:
     """A `NoiseFn` for latents split into `world_size` equal contiguous chunks along `dim`: every rank draws the
     full noise from the same (CP-synchronised) generator and keeps its own chunk, so the global noise is i.i.d.
-    (drawing shard-shaped noise from a synchronised generator would repeat the same noise on every shard)."""
+    (drawing shard-shaped noise from a synchronised generator would repeat the same noise on every shard). The
+    full noise is drawn on the generator's device; only this rank's chunk is moved to the latents' device."""
 
     def _noise(like: torch.Tensor) -> torch.Tensor:
         shape = list(like.shape)
         shape[dim] *= world_size
-        full = torch.randn(shape, generator=generator, dtype=torch.float64, device=like.device)
-        return full.chunk(world_size, dim=dim)[rank].contiguous()
+        full = torch.randn(shape, generator=generator, dtype=torch.float64, device=_source(generator, like.device))
+        return full.chunk(world_size, dim=dim)[rank].contiguous().to(like.device)
 
     return _noise

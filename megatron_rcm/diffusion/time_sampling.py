@@ -1,9 +1,12 @@
-"""Training-time distributions (float64, explicit generators so that a CP group can draw identical times)."""
+"""Training-time distributions (float64, explicit generators so that a CP group can draw identical times; a CPU
+generator draws the same times on every device)."""
 
 import math
 from typing import Optional
 
 import torch
+
+from megatron_rcm.diffusion.reduce import draw
 
 
 def p_mean_for_latent_frames(num_latent_frames: int, base_p_mean: float = -0.8) -> float:
@@ -20,8 +23,9 @@ def sample_p_G(
     generator: Optional[torch.Generator] = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """sCM times: log sigma ~ N(p_mean, p_std^2), t = arctan(sigma). Returns float64 `[B]` in (0, pi/2)."""
-    z = torch.randn(batch_size, generator=generator, dtype=torch.float64, device=device)
+    """sCM times: log sigma ~ N(p_mean, p_std^2), t = arctan(sigma). Returns float64 `[B]` in (0, pi/2) on `device`
+    (drawn on the generator's device)."""
+    z = draw(torch.randn, (batch_size,), generator, device)
     return torch.atan(torch.exp(p_mean + p_std * z))
 
 
@@ -36,7 +40,8 @@ def sample_p_D(
     generator: Optional[torch.Generator] = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Score-distillation times: u ~ U(0, 1), s = shift(u), t = arctan(s / (1 - s)). Returns float64 `[B]`."""
-    u = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=device)
+    """Score-distillation times: u ~ U(0, 1), s = shift(u), t = arctan(s / (1 - s)). Returns float64 `[B]` on `device`
+    (drawn on the generator's device)."""
+    u = draw(torch.rand, (batch_size,), generator, device)
     s = shift_rf_time(u, shift)
     return torch.atan2(s, 1 - s)

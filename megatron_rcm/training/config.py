@@ -110,7 +110,8 @@ class TrainingLoopConfig:
     """Samples per iteration over all DP ranks; must be divisible by micro_batch_size x DP size."""
     micro_batch_size: int = 8
     seed: int = 1234
-    """Base seed; every random draw of iteration i on DP rank d comes from a generator seeded by (seed, i, d)."""
+    """Base seed; every random draw of iteration i on DP rank d comes from a CPU generator seeded by (seed, i, d)
+    (the same numbers on CPU and GPU)."""
     threads: int = 1
     """torch threads per process on CPU (0: leave torch's default)."""
     nan_iterations: tuple[int, ...] = ()

@@ -85,7 +85,7 @@ class LoaderBatches:
 
 class RandomBatches:
     """Gaussian latents `[B, C, 1 + (frames - 1) / 4, height / 8, width / 8]` (the Wan VAE's factors) and random text
-    embeddings: no files, for scale probes."""
+    embeddings: no files, for scale probes. Drawn on the CPU and copied, so they do not depend on the device."""
 
     def __init__(self, config: TrainingConfig, in_channels: int, text_dim: int, dp_rank: int, dp_size: int, device):
         d, t = config.data, config.training
@@ -100,9 +100,9 @@ class RandomBatches:
         return torch.zeros(1, *self.text_shape, device=self.device)
 
     def next(self):
-        gen = torch.Generator(device=self.device).manual_seed(self.seed + self.consumed_samples + self.dp_rank)
-        out = [(torch.randn((self.micro, *self.shape), generator=gen, device=self.device),
-                torch.randn((self.micro, *self.text_shape), generator=gen, device=self.device))
+        gen = torch.Generator().manual_seed(self.seed + self.consumed_samples + self.dp_rank)
+        out = [(torch.randn((self.micro, *self.shape), generator=gen).to(self.device),
+                torch.randn((self.micro, *self.text_shape), generator=gen).to(self.device))
                for _ in range(self.num_micro)]
         self.consumed_samples += self.global_batch
         return out

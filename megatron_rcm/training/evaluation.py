@@ -69,7 +69,7 @@ class ShapesEvaluator:
     @torch.no_grad()
     def sample(self, net: TrigFlowWrapper, steps: int) -> torch.Tensor:
         rc = self.config.rcm
-        gen = torch.Generator(device=self.noise.device).manual_seed(self.config.training.seed + 99 + steps)
+        gen = torch.Generator().manual_seed(self.config.training.seed + 99 + steps)  # CPU: same noise on any device
         return student_sample(net, self.noise, self.text, steps, rc.sigma_max, rc.student_mid_times, gen).float().cpu()
 
     def evaluate(self, net: TrigFlowWrapper, steps_list) -> tuple[dict[str, float], dict[int, torch.Tensor]]:

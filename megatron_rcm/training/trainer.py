@@ -7,7 +7,9 @@ schedule can later replace the with-grad pass alone.
 
 Random draws: iteration i, micro-batch m on data-parallel rank d use a generator seeded by (seed, i, d x M + m)
 for M micro-batches per rank: the same on all TP/CP/PP ranks of a DP rank, different across DP ranks, independent
-of restarts, and equal between N DP ranks and one rank accumulating N x M micro-batches.
+of restarts, and equal between N DP ranks and one rank accumulating N x M micro-batches. It is a CPU generator on
+every device (draws are made on the CPU and copied to the GPU), so that a seed gives the same times and noise on
+CPU and CUDA.
 """
 
 import json
@@ -188,10 +190,12 @@ class Trainer:
 
     def generator(self, iteration: int, micro: int) -> torch.Generator:
         """Draws of micro-batch `micro` of this DP rank: seeded by its global micro-batch slot (DP rank x micro-batches
-        per rank + micro), so that N DP ranks draw what one rank with N x the gradient accumulation draws."""
+        per rank + micro), so that N DP ranks draw what one rank with N x the gradient accumulation draws. A CPU
+        generator also on GPUs: the diffusion samplers draw on the generator's device and copy, so CPU and CUDA runs
+        of one seed see the same numbers."""
         slot = self.dp_rank * self.batches.num_micro + micro
         seed = (self.config.training.seed * 1_000_003 + iteration * 10_007 + slot) % 2**63
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator().manual_seed(seed)
 
     # ------------------------------------------------------------------------------------------------------
     # One micro-batch

@@ -16,7 +16,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 
 from megatron_rcm.models import tangent as T
 from megatron_rcm.models.attention import attention, attention_jvp
-from megatron_rcm.models.fusion import fused
+from megatron_rcm.models.fusion import chain, fused, switch
 from megatron_rcm.models.rope import apply_rope_half, apply_rope_interleaved
 from megatron_rcm.parallel import state
 
@@ -252,6 +252,10 @@ class Attention(torch.nn.Module):
 class MLP(torch.nn.Module):
     """fc1 (column parallel) -> GELU (tanh approximation: Wan; exact 'gelu_erf': Cosmos) -> fc2 (row parallel)."""
 
+    gelu_epilogue: bool | None = None
+    """fc1 + bias + GELU-tanh as one GEMM with a GELU epilogue (`linear_gelu_tanh`) where that is valid (see
+    `_gelu_epilogue`): None = on CUDA unless `RCM_GELU_EPILOGUE=0`; True / False force it on or off (tests)."""
+
     def __init__(self, hidden_size: int, ffn_size: int, cfg: ModelParallelConfig, bias: bool = True,
                  activation: str = "gelu_tanh"):
         super().__init__()
@@ -261,14 +265,42 @@ class MLP(torch.nn.Module):
         self.linear_fc1 = column(cfg, hidden_size, ffn_size, bias)
         self.linear_fc2 = row(cfg, ffn_size, hidden_size, bias)
 
+    def _gelu_epilogue(self, x, tx) -> bool:
+        """Whether fc1 can skip megatron's forward: a pass without tangents or autograd (the epilogue keeps no
+        pre-activation for a backward), GELU-tanh with a bias, and a layer whose forward is x @ W^T alone (no
+        sequence-parallel gather, no output gather)."""
+        fc1 = self.linear_fc1
+        valid = (tx is None and not torch.is_grad_enabled() and not self.exact_gelu and fc1.bias is not None
+                 and not fc1.sequence_parallel and not fc1.gather_output and getattr(fc1, "gtp_remat_size", 1) == 1
+                 and not fc1.config.defer_embedding_wgrad_compute
+                 and x.dtype == fc1.weight.dtype == fc1.bias.dtype
+                 and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+        if not valid or self.gelu_epilogue is not None:
+            return valid and bool(self.gelu_epilogue)
+        return x.is_cuda and switch("RCM_GELU_EPILOGUE")
+
     def forward(self, x, tx=None, add_bias: bool = True):
         """Returns (out, out_tangent), or (out, out_tangent, bias) with `add_bias=False`."""
-        h, th, bias = T.parallel_linear_nobias(self.linear_fc1, x, tx)
-        h, th = _bias_gelu(h, th, bias, self.exact_gelu)
+        if self._gelu_epilogue(x, tx):
+            fc1 = self.linear_fc1
+            h, th = linear_gelu_tanh(x.flatten(0, -2), fc1.weight, fc1.bias).unflatten(0, x.shape[:-1]), None
+        else:
+            h, th, bias = T.parallel_linear_nobias(self.linear_fc1, x, tx)
+            h, th = _bias_gelu(h, th, bias, self.exact_gelu)
         y, ty, bias = T.parallel_linear_nobias(self.linear_fc2, h, th)
         if add_bias:
             return (y if bias is None else y + bias), ty
         return y, ty, bias
+
+
+def linear_gelu_tanh(x, weight, bias):
+    """GELU-tanh(x @ weight^T + bias) for 2-D x. On CUDA one GEMM whose cuBLASLt epilogue adds the bias and
+    applies GELU (the epilogue's GELU is the tanh approximation; where cuBLASLt does not apply, PyTorch runs the
+    GEMM and then gelu(approximate='tanh')). On CPU `torch._addmm_activation` applies the exact (erf) GELU
+    instead, so there this is addmm followed by GELU-tanh."""
+    if x.is_cuda:
+        return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    return F.gelu(torch.addmm(bias, x, weight.t()), approximate="tanh")
 
 
 @fused
@@ -303,6 +335,13 @@ def residual(x, tx, a, ta, bias):
     if bias is not None:
         a = a + bias
     return T.add(x, tx, a, ta)
+
+
+# A residual update and the norm that follows it, as one region: `f(x, tx, residual_args, norm_args)` ->
+# (x, tx, normed, normed tangent), x being the updated residual stream.
+gated_residual_affine_norm = chain(gated_residual, affine_norm)
+gated_residual_modulated_norm = chain(gated_residual, modulated_norm)
+residual_modulated_norm = chain(residual, modulated_norm)
 
 
 def sinusoidal_embedding(t, tt, dim: int, max_period: float = 10000.0):

@@ -44,6 +44,7 @@ from megatron_rcm.models.blocks import (
     Attention,
     AttentionConfig,
     gated_residual,
+    gated_residual_modulated_norm,
     modulated_norm,
     parallel_config,
     replicate_for_sequence_parallel,
@@ -238,23 +239,26 @@ class CosmosBlock(torch.nn.Module):
         self.adaln_mlp = AdaLNLoRA(h, r, 3, high_dtype)
         self.mlp = MLP(h, config.ffn_dim, cfg, bias=False, activation="gelu_erf")
 
-    def _branch(self, x, tx, adaln, cond, branch):
-        """x + gate * branch(LayerNorm(x) (1 + scale) + shift)."""
-        (shift, tshift), (scale, tscale), (gate, tgate) = cond.modulation(adaln)
-        xv, txv = cond.view(x), cond.view(tx)
-        n, tn = modulated_norm(xv, txv, shift, tshift, scale, tscale, self.eps)
-        a, ta = branch(cond.unview(n), cond.unview(tn))
-        y, ty = gated_residual(xv, txv, cond.view(a), cond.view(ta), None, gate, tgate)
-        return cond.unview(y), cond.unview(ty)
-
     def forward(self, x, tx, cond: "_Conditioning", rope, context, pos):
+        """Three branches x + gate * branch(LayerNorm(x) (1 + scale) + shift); each gated residual update is fused
+        with the next branch's norm."""
         if pos is not None:
             x = x + pos.to(x.dtype)
-        x, tx = self._branch(x, tx, self.adaln_self_attention, cond,
-                             lambda n, tn: self.self_attention(n, tn, rope=rope))
-        x, tx = self._branch(x, tx, self.adaln_cross_attention, cond,
-                             lambda n, tn: self.cross_attention(n, tn, context=context))
-        return self._branch(x, tx, self.adaln_mlp, cond, self.mlp)
+        branches = ((self.adaln_self_attention, lambda n, tn: self.self_attention(n, tn, rope=rope)),
+                    (self.adaln_cross_attention, lambda n, tn: self.cross_attention(n, tn, context=context)),
+                    (self.adaln_mlp, self.mlp))
+        x, tx = cond.view(x), cond.view(tx)
+        (shift, tshift), (scale, tscale), gate = cond.modulation(branches[0][0])
+        n, tn = modulated_norm(x, tx, shift, tshift, scale, tscale, self.eps)
+        for i, (_, branch) in enumerate(branches):
+            a, ta = branch(cond.unview(n), cond.unview(tn))
+            update = (cond.view(a), cond.view(ta), None, *gate)
+            if i + 1 == len(branches):
+                x, tx = gated_residual(x, tx, *update)
+            else:
+                (shift, tshift), (scale, tscale), gate = cond.modulation(branches[i + 1][0])
+                x, tx, n, tn = gated_residual_modulated_norm(x, tx, update, (shift, tshift, scale, tscale, self.eps))
+        return cond.unview(x), cond.unview(tx)
 
 
 @dataclasses.dataclass

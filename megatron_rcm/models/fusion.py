@@ -5,6 +5,10 @@ than the GEMMs (measured on H100, benchmarks/RESULTS.md). `fused` compiles such 
 CUDA so that it reads and writes each activation once; on CPU (tests, float64 references) the same Python
 function runs eagerly. Each region is written with the tangent rules, so one function serves the plain, the
 with-grad and the JVP pass. `RCM_FUSION=0` turns compilation off.
+
+`chain` joins two regions whose second consumes the first's `(x, tx)` (a residual update and the norm after it)
+into one, so that the updated x is written once and never read back. `RCM_RESIDUAL_NORM_FUSION=0` runs such
+pairs as their two separate regions again (for timing).
 """
 
 import functools
@@ -13,8 +17,13 @@ import os
 import torch
 
 
+def switch(name: str) -> bool:
+    """An on-by-default switch, read from the environment at each call: `NAME=0` turns it off."""
+    return os.environ.get(name, "1") != "0"
+
+
 def _enabled() -> bool:
-    return os.environ.get("RCM_FUSION", "1") != "0"
+    return switch("RCM_FUSION")
 
 
 def fused(fn):
@@ -32,3 +41,25 @@ def fused(fn):
         return fn(x, *args, **kwargs)
 
     return wrapper
+
+
+def chain(first, second, name: str = "RCM_RESIDUAL_NORM_FUSION"):
+    """One fused region computing `x, tx = first(x, tx, *first_args)` and then `second(x, tx, *second_args)`;
+    returns `(x, tx, *second's outputs)`. `first` and `second` are `fused` regions; with the switch `name` off
+    they run as such, one after the other."""
+
+    def both(x, tx, first_args, second_args):
+        x, tx = first.__wrapped__(x, tx, *first_args)
+        return (x, tx, *second.__wrapped__(x, tx, *second_args))
+
+    both.__name__ = both.__qualname__ = f"{first.__name__}_{second.__name__}"
+    region = fused(both)
+
+    @functools.wraps(both)
+    def run(x, tx, first_args: tuple, second_args: tuple):
+        if switch(name):
+            return region(x, tx, first_args, second_args)
+        x, tx = first(x, tx, *first_args)
+        return (x, tx, *second(x, tx, *second_args))
+
+    return run

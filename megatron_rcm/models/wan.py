@@ -19,12 +19,12 @@ from megatron_rcm.models.blocks import (
     AttentionConfig,
     TextProjection,
     TimestepEmbedding,
-    affine_norm,
     gated_residual,
+    gated_residual_affine_norm,
     modulated_norm,
     parallel_config,
     replicate_for_sequence_parallel,
-    residual,
+    residual_modulated_norm,
 )
 from megatron_rcm.models.rope import rope_angles
 from megatron_rcm.parallel import state
@@ -123,15 +123,12 @@ class WanBlock(torch.nn.Module):
 
         n, tn = modulated_norm(x, tx, shift, tshift, scale, tscale, self.eps)
         a, ta, bias = self.self_attention(n, tn, rope=rope, add_bias=False)
-        x, tx = gated_residual(x, tx, a, ta, bias, gate, tgate)
-
+        # each residual update is fused with the norm that reads its result
         w = replicate_for_sequence_parallel(self.cross_attention_norm.weight, self.cfg)
         b = replicate_for_sequence_parallel(self.cross_attention_norm.bias, self.cfg)
-        n, tn = affine_norm(x, tx, w, b, self.eps)
+        x, tx, n, tn = gated_residual_affine_norm(x, tx, (a, ta, bias, gate, tgate), (w, b, self.eps))
         a, ta, bias = self.cross_attention(n, tn, context=context, add_bias=False)
-        x, tx = residual(x, tx, a, ta, bias)
-
-        n, tn = modulated_norm(x, tx, c_shift, tc_shift, c_scale, tc_scale, self.eps)
+        x, tx, n, tn = residual_modulated_norm(x, tx, (a, ta, bias), (c_shift, tc_shift, c_scale, tc_scale, self.eps))
         f, tf, bias = self.mlp(n, tn, add_bias=False)
         return gated_residual(x, tx, f, tf, bias, c_gate, tc_gate)
 

@@ -213,10 +213,13 @@ class MegatronTrainable(Trainable):
         nan = torch.tensor([float(_count_and_zero_nonfinite(grads))], device=grads[0].device)
         dist.all_reduce(nan, group=grad_sync_group())
         self.net.finish_grad_sync()  # averages over DP x CP (reduce-scatter with the distributed optimizer)
-        grad_norm = float(self.optimizer.get_grad_norm())
         self.scheduler.step(1)
-        ok, _, _ = self.optimizer.step()
+        # The norm must come from step(): before it, the optimizer's main parameters hold no gradients yet (it
+        # copies them in first), so get_grad_norm() here would read 0. ChainedOptimizer.step() returns the norm
+        # whether or not it clips.
+        ok, grad_norm, _ = self.optimizer.step()
         self.zero_grad()
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
         return StepResult(grad_norm, int(nan.item()), self.lr, skipped=not ok)
 
     def state_dict(self) -> dict:

@@ -22,6 +22,12 @@ def switch(name: str) -> bool:
     return os.environ.get(name, "1") != "0"
 
 
+def _inductor_options() -> dict:
+    from torch._inductor import config
+
+    return {"triton.mix_order_reduction": False} if hasattr(config.triton, "mix_order_reduction") else {}
+
+
 def _enabled() -> bool:
     return switch("RCM_FUSION")
 
@@ -36,7 +42,11 @@ def fused(fn):
             if compiled is None:
                 # one graph per shape: training sees a handful (student, JVP, CFG-doubled teacher, critic, ...)
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-                compiled = torch.compile(fn, dynamic=False)
+                # Inductor's mix-order reduction (default since torch 2.10) fuses the backward's reductions over
+                # tokens and channels; for modulated norms whose modulation broadcasts over the tokens (adaLN
+                # at a local batch of 1, or a shared scale/shift table) it returns wrong gradients or wrongly
+                # shaped ones (pytorch/pytorch#193061, #178080; seen here in the 1.3B scale probe). Off.
+                compiled = torch.compile(fn, dynamic=False, options=_inductor_options())
             return compiled(x, *args, **kwargs)
         return fn(x, *args, **kwargs)
 

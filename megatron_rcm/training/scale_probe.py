@@ -54,9 +54,16 @@ def pass_flops(cfg, tokens: int, text_tokens: int, phase: str, rollout_steps: in
 
 
 def main(argv=None):
-    from megatron_rcm.training.trainer import Trainer
+    from megatron_rcm.training.trainer import Trainer, world_size_from_env
 
-    config = load_config(None, PROBE + list(sys.argv[1:] if argv is None else argv))
+    overrides = PROBE + list(sys.argv[1:] if argv is None else argv)
+    config = load_config(None, overrides)
+    if not any(o.startswith("training.global_batch_size=") for o in overrides):
+        # one micro-batch per data-parallel rank: a step is one sample's passes on each rank, no accumulation
+        p = config.parallel
+        dp = world_size_from_env() // (p.tensor_model_parallel_size * p.context_parallel_size
+                                       * p.pipeline_model_parallel_size)
+        config = load_config(None, overrides + [f"training.global_batch_size={dp * config.training.micro_batch_size}"])
     trainer = Trainer(config)
     c = trainer.model_config
     x0, text = trainer.batches.next()[0]

@@ -87,3 +87,35 @@ def test_tensor_parallel_nccl_matches_single_gpu():
     from megatron_rcm.parallel import run_on_ranks
 
     run_on_ranks(check_tp_nccl, 2)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compiled_regions_give_eager_gradients_at_long_sequences(batch, monkeypatch):
+    # The fused regions are compiled on CUDA; inductor's mix-order reduction returned wrong (or wrongly shaped)
+    # gradients for adaLN modulations at a local batch of 1 and >= ~16k tokens (pytorch#193061, #178080). The
+    # with-grad pass through compiled regions must give the gradients of the eager regions.
+    from megatron_rcm.models.wan import PRESETS, WanModel
+    from megatron_rcm.parallel import state
+
+    state.ensure_parallel()
+    cfg = dataclasses.replace(PRESETS["wan-tiny"], num_attention_heads=2, attention_head_dim=64, ffn_dim=256,
+                              num_layers=2)
+    torch.manual_seed(0)
+    model = WanModel(cfg, params_dtype=torch.float32).cuda()
+    x = torch.randn(batch, cfg.in_channels, 9, 64, 64, device="cuda")  # 9 x 32 x 32 = 9216 tokens per sample
+    x = torch.cat([x, x.flip(-1)], dim=2)  # 18 frames: 18,432 tokens per sample
+    t = torch.rand(batch, device="cuda") * 1000
+    text = torch.randn(batch, 7, cfg.text_dim, device="cuda")
+
+    def grads(fusion):
+        monkeypatch.setenv("RCM_FUSION", fusion)
+        model.zero_grad(set_to_none=True)
+        model(x, t, text).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    eager, compiled = grads("0"), grads("1")
+    worst = max(((compiled[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in eager.items())
+    bad = [n for n, g in eager.items() if ((compiled[n] - g).norm() / g.norm().clamp_min(1e-30)).item() > 1e-4]
+    assert not bad, f"compiled-region gradients differ from eager ones (worst {worst:.2e}): {bad[:8]}"

@@ -113,9 +113,12 @@ def test_compiled_regions_give_eager_gradients_at_long_sequences(batch, monkeypa
         model(x, t, text).square().mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    eager, compiled = grads("0"), grads("1")
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        eager, compiled = grads("0"), grads("1")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     worst = max(((compiled[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in eager.items())
     bad = [n for n, g in eager.items() if ((compiled[n] - g).norm() / g.norm().clamp_min(1e-30)).item() > 1e-4]
     assert not bad, f"compiled-region gradients differ from eager ones (worst {worst:.2e}): {bad[:8]}"

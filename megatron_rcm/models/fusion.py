@@ -25,7 +25,11 @@ def switch(name: str) -> bool:
 def _inductor_options() -> dict:
     from torch._inductor import config
 
-    return {"triton.mix_order_reduction": False} if hasattr(config.triton, "mix_order_reduction") else {}
+    options = {"triton.mix_order_reduction": False} if hasattr(config.triton, "mix_order_reduction") else {}
+    if os.environ.get("RCM_FUSION_TUNING", "0") == "1":
+        # search block sizes / warps of each generated kernel at compile time (slower first call)
+        options.update({"coordinate_descent_tuning": True, "max_autotune_pointwise": True})
+    return options
 
 
 def _enabled() -> bool:

@@ -27,14 +27,32 @@ def stacked(fn, x, tx, dim: int):
     return y.narrow(dim, 0, n), y.narrow(dim, n, y.shape[dim] - n)
 
 
+def _local_matmul(layer) -> bool:
+    """Whether the layer's forward is `x @ W^T` on this rank alone: a column-parallel layer without sequence-
+    parallel or output gathers, or any layer at tensor-parallel size 1."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    if layer.sequence_parallel or getattr(layer, "gather_output", False) or getattr(layer, "gtp_remat_size", 1) != 1:
+        return False
+    return isinstance(layer, ColumnParallelLinear) or layer.tp_group.size() == 1
+
+
+def _call(layer, x):
+    # Without autograd a local layer is one GEMM: skip megatron's autograd function, whose host time per call
+    # (~60 us) is what small inputs (an image's 4k tokens) wait on.
+    if not torch.is_grad_enabled() and _local_matmul(layer):
+        return F.linear(x, layer.weight), layer.bias
+    return layer(x)
+
+
 def parallel_linear_nobias(layer, x, tx, batch_dim: int = 1):
     """megatron-core Column/RowParallelLinear built with `skip_bias_add=True`: `(y, ty, bias)` without the bias
     added, so that the consumer fuses the add (the bias belongs to the primal only)."""
     if tx is None:
-        y, bias = layer(x)
+        y, bias = _call(layer, x)
         return y, None, (None if bias is None else _sp_bias(layer, bias))
     n = x.shape[batch_dim]
-    y2, bias = layer(torch.cat([x, tx.to(x.dtype)], dim=batch_dim))
+    y2, bias = _call(layer, torch.cat([x, tx.to(x.dtype)], dim=batch_dim))
     y, ty = y2.narrow(batch_dim, 0, n), y2.narrow(batch_dim, n, y2.shape[batch_dim] - n)
     return y, ty, (None if bias is None else _sp_bias(layer, bias))
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from wan_reference import diffusers_wan, inputs, megatron_state_dict, relative_error
 
 from megatron_rcm.checkpoint.sharding import load_full_state_dict
+from megatron_rcm.models import blocks
 from megatron_rcm.models.blocks import MLP, parallel_config
 from megatron_rcm.models.wan import PRESETS, WanModel
 from megatron_rcm.parallel import run_on_ranks, state
@@ -24,43 +25,53 @@ def _mlp(dtype=torch.float32, device="cpu", hidden=24, ffn=64):
     return mlp
 
 
-def _fc1_calls(mlp):
-    calls = []
-    mlp.linear_fc1.register_forward_hook(lambda *_: calls.append(1))
+def _count_epilogue_calls(patch=setattr):
+    """Counts calls of the fused fc1 + GELU GEMM (`blocks.linear_gelu_tanh`) from now on."""
+    calls, plain = [], blocks.linear_gelu_tanh
+
+    def counted(*args):
+        calls.append(1)
+        return plain(*args)
+
+    patch(blocks, "linear_gelu_tanh", counted)
     return calls
 
 
-def test_gelu_epilogue_path_matches_megatron_path():
+@pytest.fixture
+def epilogue_calls(monkeypatch):
+    return _count_epilogue_calls(monkeypatch.setattr)
+
+
+def test_gelu_epilogue_path_matches_megatron_path(epilogue_calls):
     mlp = _mlp()
-    calls = _fc1_calls(mlp)
+    calls = epilogue_calls
     x = torch.randn(7, 3, 24)
     with torch.no_grad():
         mlp.gelu_epilogue = False
         expected = mlp(x)[0]
-        assert len(calls) == 1
+        assert not calls
         mlp.gelu_epilogue = True
         got, tangent, bias = mlp(x, add_bias=False)
-    assert len(calls) == 1, "the forced epilogue path must bypass megatron's fc1 forward"
+    assert len(calls) == 1, "the forced epilogue path must run fc1 as one GEMM with the GELU epilogue"
     assert tangent is None
     assert relative_error(got + bias, expected) <= 1e-6
 
 
-def test_gelu_epilogue_only_without_grad_and_tangents():
+def test_gelu_epilogue_only_without_grad_and_tangents(epilogue_calls):
     mlp = _mlp()
     mlp.gelu_epilogue = True
-    calls = _fc1_calls(mlp)
+    calls = epilogue_calls
     x = torch.randn(5, 2, 24)
     mlp(x)[0].sum().backward()  # autograd on: megatron's path, with its weight gradients
-    assert len(calls) == 1 and mlp.linear_fc1.weight.grad is not None
+    assert not calls and mlp.linear_fc1.weight.grad is not None
     with torch.no_grad():
         mlp(x, torch.randn_like(x))  # a tangent: megatron's path
-    assert len(calls) == 2
+    assert not calls
     cosmos_mlp = MLP(24, 64, parallel_config(torch.float32, False), bias=False, activation="gelu_erf")
     cosmos_mlp.gelu_epilogue = True
-    calls = _fc1_calls(cosmos_mlp)
     with torch.no_grad():
         cosmos_mlp(x)  # exact GELU, no bias: no epilogue
-    assert len(calls) == 1
+    assert not calls
 
 
 def _check_gelu_epilogue_tp2():
@@ -74,13 +85,12 @@ def _check_gelu_epilogue_tp2():
         for sp in (False, True):
             model = WanModel(PRESETS["wan-tiny-tp"], sequence_parallel=sp)
             load_full_state_dict(model, megatron_state_dict(ref))
-            calls = []
+            calls = _count_epilogue_calls()
             for block in model.blocks:
                 block.mlp.gelu_epilogue = True
-                block.mlp.linear_fc1.register_forward_hook(lambda *_, calls=calls: calls.append(1))
             assert relative_error(model(x, t, text), expected) <= 1e-5, f"sp={sp}"
             # the epilogue takes this rank's fc1 shard directly; under SP megatron's forward gathers the tokens
-            assert len(calls) == (len(model.blocks) if sp else 0), f"sp={sp}"
+            assert len(calls) == (0 if sp else len(model.blocks)), f"sp={sp}"
 
 
 @pytest.mark.distributed
@@ -118,15 +128,15 @@ def test_residual_norm_fusion_switch_gives_the_same_model(monkeypatch, tangents)
 
 
 @pytest.mark.gpu
-def test_gpu_fast_paths_match_the_plain_block_in_bf16(monkeypatch):
+def test_gpu_fast_paths_match_the_plain_block_in_bf16(monkeypatch, epilogue_calls):
     """On CUDA the new paths compile and run for real: the GELU epilogue (cuBLASLt) and the chained regions
     (torch.compile) against the separate regions and megatron's fc1, bf16, one rounding apart."""
     mlp = _mlp(torch.bfloat16, "cuda", 128, 512)
     x = torch.randn(300, 2, 128, device="cuda", dtype=torch.bfloat16)
-    calls = _fc1_calls(mlp)
+    calls = epilogue_calls
     with torch.no_grad():
         got = mlp(x)[0]
-        assert not calls, "on CUDA without grad the epilogue path is the default"
+        assert len(calls) == 1, "on CUDA without grad the epilogue path is the default"
         mlp.gelu_epilogue = False
         expected = mlp(x)[0]
     assert relative_error(got.double(), expected.double()) <= 2e-2

@@ -242,9 +242,23 @@ class MegatronTrainable(Trainable):
         if self.use_distributed_optimizer:
             with torch.no_grad():  # it copies into the fp32 main parameters (leaves that require grad)
                 for o, s in zip(self._distributed_parts(), state["optimizer_param_state"]):
-                    o.load_parameter_state_from_dp_zero(s)
+                    _load_parameter_state_from_dp_zero(o, s)
         self.optimizer.reload_model_params()
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _load_parameter_state_from_dp_zero(optimizer, state) -> None:
+    """megatron-core 0.19's `load_parameter_state_from_dp_zero` copies every tensor of a parameter's optimizer
+    state from the saved DP-zero state, which holds no "step": with torch's Adam (no Apex / TE), whose state
+    keeps a per-parameter "step" tensor, it fails with KeyError 'step'. The steps were already restored by
+    `optimizer.load_state_dict`; set them aside during the copy and put them back."""
+    inner = optimizer.optimizer.state
+    steps = {p: st.pop("step") for p, st in inner.items() if torch.is_tensor(st.get("step"))}
+    try:
+        optimizer.load_parameter_state_from_dp_zero(state)
+    finally:
+        for p, step in steps.items():
+            inner[p]["step"] = step
 
 
 def make_trainable(kind: str, name: str, module, lr, cfg: OptimizerConfig, train_iters: int,

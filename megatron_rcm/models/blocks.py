@@ -224,12 +224,27 @@ class Attention(torch.nn.Module):
             # a per-head weight is replicated but each rank applies it to its own heads only
             norm_weights = tuple(tensor_parallel.copy_to_tensor_model_parallel_region(w) if w.requires_grad
                                  else w for w in norm_weights)
+        if self._qkv_kernel(y, ty, n_parts, cos, per_head, half_rope):
+            from rcm_kernels.qkv_norm_rope import qkv_norm_rope
+
+            q, k, v = qkv_norm_rope(y, bias, *norm_weights, cos, sin, self.heads_per_rank, a.head_dim, a.eps)
+            return [(q, None), (k, None), (v, None)]
         if per_head or self.cfg.tensor_model_parallel_size == 1:
             # statistics are local: one fused region
             return _qk_norm_rope_local(y, ty, bias, norm_weights, cos, sin, per_head, half_rope, *args)
         stats = _qk_norm_stats(y, ty, bias, self.heads_per_rank, n_parts, a.head_dim, len(norm_weights), False)
         stats = T.all_reduce_sum(stats, state.tp_group())
         return _qk_norm_rope(y, ty, bias, stats, norm_weights, cos, sin, half_rope, *args)
+
+    def _qkv_kernel(self, y, ty, n_parts: int, cos, per_head: bool, half_rope: bool) -> bool:
+        """Whether the plain self-attention input (no tangent, no autograd, TP=1, Wan's norm across heads and
+        interleaved RoPE) runs as one Triton kernel (`rcm_kernels.qkv_norm_rope`); `RCM_QKV_KERNEL=0` turns it off."""
+        if (ty is not None or torch.is_grad_enabled() or n_parts != 3 or cos is None or per_head or half_rope
+                or self.cfg.tensor_model_parallel_size != 1 or not y.is_cuda or not switch("RCM_QKV_KERNEL")):
+            return False
+        from rcm_kernels.qkv_norm_rope import supported
+
+        return supported(y, cos, self.heads_per_rank, self.attn.head_dim)
 
     def forward(self, x, tx=None, rope=None, context=None, add_bias: bool = True):
         """x [s, b, h] (sequence-parallel shard or full); `rope` = (cos, sin) [S, 1, 1, D/2] tables for

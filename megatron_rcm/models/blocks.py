@@ -238,9 +238,12 @@ class Attention(torch.nn.Module):
 
     def _qkv_kernel(self, y, ty, n_parts: int, cos, per_head: bool, half_rope: bool) -> bool:
         """Whether the plain self-attention input (no tangent, no autograd, TP=1, Wan's norm across heads and
-        interleaved RoPE) runs as one Triton kernel (`rcm_kernels.qkv_norm_rope`); `RCM_QKV_KERNEL=0` turns it off."""
+        interleaved RoPE) runs as one Triton kernel (`rcm_kernels.qkv_norm_rope`). Opt-in (`RCM_QKV_KERNEL=1`):
+        checked in Triton's interpreter only so far, not yet compiled and timed on a GPU."""
         if (ty is not None or torch.is_grad_enabled() or n_parts != 3 or cos is None or per_head or half_rope
-                or self.cfg.tensor_model_parallel_size != 1 or not y.is_cuda or not switch("RCM_QKV_KERNEL")):
+                or self.cfg.tensor_model_parallel_size != 1 or not y.is_cuda):
+            return False
+        if not switch("RCM_QKV_KERNEL", default=False):
             return False
         from rcm_kernels.qkv_norm_rope import supported
 

@@ -17,16 +17,16 @@ import os
 import torch
 
 
-def switch(name: str) -> bool:
-    """An on-by-default switch, read from the environment at each call: `NAME=0` turns it off."""
-    return os.environ.get(name, "1") != "0"
+def switch(name: str, default: bool = True) -> bool:
+    """A switch read from the environment at each call: `NAME=0` turns it off, `NAME=1` on."""
+    return os.environ.get(name, "1" if default else "0") != "0"
 
 
 def _inductor_options() -> dict:
     from torch._inductor import config
 
     options = {"triton.mix_order_reduction": False} if hasattr(config.triton, "mix_order_reduction") else {}
-    if os.environ.get("RCM_FUSION_TUNING", "0") == "1":
+    if switch("RCM_FUSION_TUNING", default=False):
         # search block sizes / warps of each generated kernel at compile time (slower first call)
         options.update({"coordinate_descent_tuning": True, "max_autotune_pointwise": True})
     return options

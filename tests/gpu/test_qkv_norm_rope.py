@@ -56,6 +56,7 @@ def test_wan_forward_with_and_without_the_kernel(monkeypatch):
 
     plain = kernel_module.qkv_norm_rope
     monkeypatch.setattr(kernel_module, "qkv_norm_rope", lambda *a: calls.append(1) or plain(*a))
+    monkeypatch.setenv("RCM_QKV_KERNEL", "1")
     with torch.no_grad():
         got = model(x, t, text).float()
         assert len(calls) == cfg.num_layers, "the plain forward must take the kernel in every block"

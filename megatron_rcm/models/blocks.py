@@ -285,13 +285,11 @@ class MLP(torch.nn.Module):
 
     def _gelu_epilogue(self, x, tx) -> bool:
         """Whether fc1 can skip megatron's forward: a pass without tangents or autograd (the epilogue keeps no
-        pre-activation for a backward), GELU-tanh with a bias, and a layer whose forward is x @ W^T alone (no
-        sequence-parallel gather, no output gather)."""
+        pre-activation for a backward), GELU-tanh with a bias, and a layer whose forward is x @ W^T alone
+        (`tangent.local_matmul`)."""
         fc1 = self.linear_fc1
         valid = (tx is None and not torch.is_grad_enabled() and not self.exact_gelu and fc1.bias is not None
-                 and not fc1.sequence_parallel and not fc1.gather_output and getattr(fc1, "gtp_remat_size", 1) == 1
-                 and not fc1.config.defer_embedding_wgrad_compute
-                 and x.dtype == fc1.weight.dtype == fc1.bias.dtype
+                 and T.local_matmul(fc1) and x.dtype == fc1.weight.dtype == fc1.bias.dtype
                  and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
         if not valid or self.gelu_epilogue is not None:
             return valid and bool(self.gelu_epilogue)

@@ -506,9 +506,6 @@ class CosmosModel(torch.nn.Module):
         """(velocity, d velocity) along (latents_tangent, timestep_tangent); text and masks carry no tangent.
         Always runs without autograd."""
         with torch.no_grad():
-            if latents_tangent is None:
-                latents_tangent = torch.zeros_like(latents)
-            if timestep_tangent is None:
-                timestep_tangent = torch.zeros_like(timestep, dtype=torch.promote_types(timestep.dtype, torch.float32))
-            return self._run(latents, timestep, text, latents_tangent, timestep_tangent, condition_mask, padding_mask,
-                             fps)
+            return self._run(latents, timestep, text,
+                             *T.input_tangents(latents, timestep, latents_tangent, timestep_tangent),
+                             condition_mask, padding_mask, fps)

@@ -27,7 +27,16 @@ def stacked(fn, x, tx, dim: int):
     return y.narrow(dim, 0, n), y.narrow(dim, n, y.shape[dim] - n)
 
 
-def _local_matmul(layer) -> bool:
+def input_tangents(latents, timestep, latents_tangent, timestep_tangent):
+    """A DiT's JVP input tangents, absent ones as zeros (the timestep's in at least float32)."""
+    if latents_tangent is None:
+        latents_tangent = torch.zeros_like(latents)
+    if timestep_tangent is None:
+        timestep_tangent = torch.zeros_like(timestep, dtype=torch.promote_types(timestep.dtype, torch.float32))
+    return latents_tangent, timestep_tangent
+
+
+def local_matmul(layer) -> bool:
     """Whether the layer's forward is `x @ W^T` on this rank alone: a column-parallel layer without sequence-
     parallel or output gathers, or any layer at tensor-parallel size 1."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
@@ -40,7 +49,7 @@ def _local_matmul(layer) -> bool:
 def _call(layer, x):
     # Without autograd a local layer is one GEMM: skip megatron's autograd function, whose host time per call
     # (~60 us) is what small inputs (an image's 4k tokens) wait on.
-    if not torch.is_grad_enabled() and _local_matmul(layer):
+    if not torch.is_grad_enabled() and local_matmul(layer):
         return F.linear(x, layer.weight), layer.bias
     return layer(x)
 

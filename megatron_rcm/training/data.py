@@ -13,17 +13,31 @@ from megatron_rcm.data.shapes import ShapesDataset, ShapesTextEncoder
 from megatron_rcm.training.config import TrainingConfig
 
 
-class ShapesBatches:
-    """The procedural shapes set with the tiny text encoder."""
+class _Batches:
+    """What every source shares: this rank's micro-batch split of the global batch and the data position (consumed
+    samples, the whole of a pure source's resumable state)."""
 
-    def __init__(self, config: TrainingConfig, text_dim: int, dp_rank: int, dp_size: int, device):
+    def __init__(self, config: TrainingConfig, dp_rank: int, dp_size: int, device):
         t = config.training
-        self.dataset = ShapesDataset(config.data.shapes(), seed=t.seed)
-        self.encoder = ShapesTextEncoder(dim=text_dim)
         self.micro, self.num_micro = t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dp_size)
         self.per_rank = self.micro * self.num_micro
         self.global_batch, self.dp_rank, self.device = t.global_batch_size, dp_rank, device
         self.consumed_samples = 0
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
+
+
+class ShapesBatches(_Batches):
+    """The procedural shapes set with the tiny text encoder."""
+
+    def __init__(self, config: TrainingConfig, text_dim: int, dp_rank: int, dp_size: int, device):
+        super().__init__(config, dp_rank, dp_size, device)
+        self.dataset = ShapesDataset(config.data.shapes(), seed=config.training.seed)
+        self.encoder = ShapesTextEncoder(dim=text_dim)
 
     def negative_text(self) -> torch.Tensor:
         return self.encoder.negative(1).to(self.device)
@@ -37,19 +51,14 @@ class ShapesBatches:
         self.consumed_samples += self.global_batch
         return out
 
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed_samples = int(state["consumed_samples"])
-
-
-class LoaderBatches:
+class LoaderBatches(_Batches):
     """Latent shards or encoded videos (megatron_rcm.data.build_data_loader), one loader per DP rank."""
 
     def __init__(self, config: TrainingConfig, dp_rank: int, dp_size: int, device):
         from megatron_rcm.data.sources import DataConfig, build_data_loader
 
+        super().__init__(config, dp_rank, dp_size, device)
         d, t = config.data, config.training
         if not d.negative_text_embedding or not os.path.isfile(d.negative_text_embedding):
             raise FileNotFoundError(f"data.negative_text_embedding must name a torch file with the negative prompt's "
@@ -59,9 +68,6 @@ class LoaderBatches:
                        frames=d.frames, height=d.height, width=d.width), dp_rank=dp_rank, dp_size=dp_size,
             device=device)
         self.neg = torch.load(d.negative_text_embedding, map_location="cpu").float()
-        self.num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
-        self.global_batch, self.device = t.global_batch_size, device
-        self.consumed_samples = 0
 
     def negative_text(self) -> torch.Tensor:
         neg = self.neg if self.neg.dim() == 3 else self.neg[None]
@@ -76,25 +82,23 @@ class LoaderBatches:
         return out
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "loader": self.loader.state_dict()}
+        return {**super().state_dict(), "loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.consumed_samples = int(state["consumed_samples"])
+        super().load_state_dict(state)
         self.loader.load_state_dict(state["loader"])
 
 
-class RandomBatches:
+class RandomBatches(_Batches):
     """Gaussian latents `[B, C, 1 + (frames - 1) / 4, height / 8, width / 8]` (the Wan VAE's factors) and random text
     embeddings: no files, for scale probes. Drawn on the CPU and copied, so they do not depend on the device."""
 
     def __init__(self, config: TrainingConfig, in_channels: int, text_dim: int, dp_rank: int, dp_size: int, device):
-        d, t = config.data, config.training
+        super().__init__(config, dp_rank, dp_size, device)
+        d = config.data
         self.shape = (in_channels, 1 + (d.frames - 1) // 4, d.height // 8, d.width // 8)
         self.text_shape = (d.text_length, text_dim)
-        self.micro, self.num_micro = t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dp_size)
-        self.global_batch, self.dp_rank, self.device = t.global_batch_size, dp_rank, device
-        self.seed = t.seed
-        self.consumed_samples = 0
+        self.seed = config.training.seed
 
     def negative_text(self) -> torch.Tensor:
         return torch.zeros(1, *self.text_shape, device=self.device)
@@ -106,12 +110,6 @@ class RandomBatches:
                for _ in range(self.num_micro)]
         self.consumed_samples += self.global_batch
         return out
-
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed_samples = int(state["consumed_samples"])
 
 
 def build_batches(config: TrainingConfig, text_dim: int, dp_rank: int, dp_size: int, device, in_channels: int = 16):

@@ -63,7 +63,7 @@ def main(argv=None):
         p = config.parallel
         dp = world_size_from_env() // (p.tensor_model_parallel_size * p.context_parallel_size
                                        * p.pipeline_model_parallel_size)
-        config = load_config(None, overrides + [f"training.global_batch_size={dp * config.training.micro_batch_size}"])
+        config.training.global_batch_size = dp * config.training.micro_batch_size
     trainer = Trainer(config)
     c = trainer.model_config
     x0, text = trainer.batches.next()[0]

@@ -81,12 +81,14 @@ def qkv_norm_rope(y, bias, q_weight, k_weight, cos, sin, heads: int, head_dim: i
     q, k, v = (torch.empty((S, B, heads, head_dim), device=y.device, dtype=y.dtype) for _ in range(3))
     if S * B == 0:
         return q, k, v
+    block_h = triton.next_power_of_2(heads)
     cos = cos.reshape(S, head_dim // 2)
     sin = sin.reshape(S, head_dim // 2)
     _qkv_norm_rope_kernel[(S * B,)](
         y, bias if bias is not None else y, q_weight.contiguous(), k_weight.contiguous(), cos, sin, q, k, v,
         B, y.stride(1), cos.stride(0), float(eps), 1.0 / (heads * head_dim),
-        H=heads, BLOCK_H=triton.next_power_of_2(heads), D=head_dim, HAS_BIAS=bias is not None,
-        num_warps=4,
+        H=heads, BLOCK_H=block_h, D=head_dim, HAS_BIAS=bias is not None,
+        # about 16 channels of each of q, k, v per thread: more heads get more warps instead of spilling
+        num_warps=min(16, max(4, block_h * head_dim // 512)),
     )
     return q, k, v

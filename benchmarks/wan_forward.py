@@ -9,6 +9,7 @@ dispatch and with SDPA forced to cuDNN; ours with its own backend choice (see mo
 
 import argparse
 import json
+import os
 import time
 import warnings
 
@@ -24,6 +25,10 @@ def main():
     p.add_argument("--latent", type=int, nargs=4, default=[16, 21, 60, 104], metavar=("C", "T", "H", "W"))
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--skip-jvp", action="store_true")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                   help="also time our forward with these environment switches set (README, Performance switches), "
+                        "in the same process after the default; repeatable. Switches read at compile time "
+                        "(RCM_FUSION_TUNING) need a process of their own.")
     p.add_argument("--out")
     args = p.parse_args()
 
@@ -68,6 +73,17 @@ def main():
         a = ref(x, t, text, return_dict=False)[0].float()
         b = ours(x, t, text).float()
         results["ours_vs_diffusers_rel_err"] = ((a - b).norm() / a.norm()).item()
+        for spec in args.variant:
+            name, _, assignments = spec.partition(":")
+            saved = dict(os.environ)
+            os.environ.update(kv.split("=", 1) for kv in assignments.split(",") if kv)
+            try:
+                results[f"ours_forward[{name}]"] = timed(lambda: ours(x, t, text), args.iters)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+        if args.variant:  # the baseline again, after the variants: drift of the card shows here
+            results["diffusers_default_after"] = timed(lambda: ref(x, t, text, return_dict=False), args.iters)
     if not args.skip_jvp:
         tx, tt = torch.randn_like(x), torch.tensor([1.0], device=dev)
         t1 = time.time()
@@ -75,7 +91,8 @@ def main():
         torch.cuda.synchronize()
         results["ours_jvp_first_call_s"] = time.time() - t1
         results["ours_jvp"] = timed(lambda: ours.jvp(x, t, text, tx, tt), args.iters)
-    for k in ("diffusers_default", "diffusers_cudnn", "ours_forward"):
+    for k in [k for k in results if k.startswith(("diffusers_default", "diffusers_cudnn", "ours_forward"))
+              and isinstance(results[k], dict)]:
         print(f"{k:20s} {results[k]['ms_median']:8.1f} ms  peak +{results[k]['peak_activation_gib']:.2f} GiB")
     print(f"ours / diffusers_default = {results['ours_forward']['ms_median'] / results['diffusers_default']['ms_median']:.3f}")
     if "ours_jvp" in results:

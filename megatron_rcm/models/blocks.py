@@ -224,11 +224,11 @@ class Attention(torch.nn.Module):
             # a per-head weight is replicated but each rank applies it to its own heads only
             norm_weights = tuple(tensor_parallel.copy_to_tensor_model_parallel_region(w) if w.requires_grad
                                  else w for w in norm_weights)
-        if self._qkv_kernel(y, ty, n_parts, cos, per_head, half_rope):
+        if self._qkv_kernel(y, ty, n_parts, len(norm_weights), cos, per_head, half_rope):
             from rcm_kernels.qkv_norm_rope import qkv_norm_rope
 
-            q, k, v = qkv_norm_rope(y, bias, *norm_weights, cos, sin, self.heads_per_rank, a.head_dim, a.eps)
-            return [(q, None), (k, None), (v, None)]
+            parts = qkv_norm_rope(y, bias, norm_weights, cos, sin, self.heads_per_rank, a.head_dim, a.eps, n_parts)
+            return [(p, None) for p in parts]
         if per_head or self.cfg.tensor_model_parallel_size == 1:
             # statistics are local: one fused region
             return _qk_norm_rope_local(y, ty, bias, norm_weights, cos, sin, per_head, half_rope, *args)
@@ -236,18 +236,18 @@ class Attention(torch.nn.Module):
         stats = T.all_reduce_sum(stats, state.tp_group())
         return _qk_norm_rope(y, ty, bias, stats, norm_weights, cos, sin, half_rope, *args)
 
-    def _qkv_kernel(self, y, ty, n_parts: int, cos, per_head: bool, half_rope: bool) -> bool:
-        """Whether the plain self-attention input (no tangent, no autograd, TP=1, Wan's norm across heads and
-        interleaved RoPE) runs as one Triton kernel (`rcm_kernels.qkv_norm_rope`). Opt-in (`RCM_QKV_KERNEL=1`):
-        checked in Triton's interpreter only so far, not yet compiled and timed on a GPU."""
-        if (ty is not None or torch.is_grad_enabled() or n_parts != 3 or cos is None or per_head or half_rope
-                or self.cfg.tensor_model_parallel_size != 1 or not y.is_cuda):
+    def _qkv_kernel(self, y, ty, n_parts: int, n_norm: int, cos, per_head: bool, half_rope: bool) -> bool:
+        """Whether the plain attention input (no tangent, no autograd, TP=1, Wan's norm across heads, interleaved
+        RoPE or none) runs as one Triton kernel (`rcm_kernels.qkv_norm_rope`): q/k/v of self-attention, q of
+        cross-attention. `RCM_QKV_KERNEL=0` turns it off."""
+        if (ty is not None or torch.is_grad_enabled() or (n_parts, n_norm) not in ((3, 2), (1, 1)) or per_head
+                or half_rope or self.cfg.tensor_model_parallel_size != 1 or not y.is_cuda):
             return False
-        if not switch("RCM_QKV_KERNEL", default=False):
+        if not switch("RCM_QKV_KERNEL"):
             return False
         from rcm_kernels.qkv_norm_rope import supported
 
-        return supported(y, cos, self.heads_per_rank, self.attn.head_dim)
+        return supported(y, cos, self.heads_per_rank, self.attn.head_dim, n_parts)
 
     def forward(self, x, tx=None, rope=None, context=None, add_bias: bool = True):
         """x [s, b, h] (sequence-parallel shard or full); `rope` = (cos, sin) [S, 1, 1, D/2] tables for
@@ -327,10 +327,10 @@ def _bias_gelu(h, th, bias, exact: bool):
 
 
 @fused
-def modulated_norm(x, tx, shift, tshift, scale, tscale, eps: float):
-    """LayerNorm (no affine, high precision) -> x (1 + scale) + shift -> x's dtype."""
+def modulated_norm(x, tx, shift, tshift, scale, tscale, eps: float, dtype: torch.dtype | None = None):
+    """LayerNorm (no affine, high precision) -> x (1 + scale) + shift -> `dtype` (default: x's dtype)."""
     n, tn = T.layer_norm(x, tx, eps)
-    return T.cast(*T.modulate(n, tn, shift, tshift, scale, tscale), x.dtype)
+    return T.cast(*T.modulate(n, tn, shift, tshift, scale, tscale), dtype or x.dtype)
 
 
 @fused

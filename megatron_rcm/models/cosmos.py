@@ -476,8 +476,9 @@ class CosmosModel(torch.nn.Module):
         e, te = head_cond.to_tokens(e, False), head_cond.to_tokens(te, False)
         shift, scale = e.chunk(2, dim=-1)
         tshift, tscale = te.chunk(2, dim=-1) if te is not None else (None, None)
-        n, tn = T.layer_norm(head_cond.view(x), head_cond.view(tx), c.eps)
-        n, tn = T.modulate(n, tn, shift, tshift, scale, tscale)
+        # the head runs in high precision
+        n, tn = modulated_norm(head_cond.view(x), head_cond.view(tx), shift, tshift, scale, tscale, c.eps,
+                               self.high_dtype)
         n, tn = head_cond.unview(n), head_cond.unview(tn)
         y, ty = T.linear(self.head, n.transpose(0, 1), None if tn is None else tn.transpose(0, 1))  # [B, S, o]
         return self._unpatchify(y, grid, out_dtype), (None if ty is None else self._unpatchify(ty, grid, out_dtype))

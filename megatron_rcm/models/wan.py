@@ -224,8 +224,8 @@ class WanModel(torch.nn.Module):
         tshift = tscale = None
         if ttemb is not None:
             tshift, tscale = ttemb[None], ttemb[None]
-        n, tn = T.layer_norm(x, tx, c.eps)
-        n, tn = T.modulate(n, tn, shift, tshift, scale, tscale)
+        # the head runs in high precision
+        n, tn = modulated_norm(x, tx, shift, tshift, scale, tscale, c.eps, self.high_dtype)
         y, ty = T.linear(self.head, n.transpose(0, 1), None if tn is None else tn.transpose(0, 1))  # [B, S, o]
         return self._unpatchify(y, grid, out_dtype), (None if ty is None else self._unpatchify(ty, grid, out_dtype))
 

@@ -243,8 +243,21 @@ class MegatronTrainable(Trainable):
             with torch.no_grad():  # it copies into the fp32 main parameters (leaves that require grad)
                 for o, s in zip(self._distributed_parts(), state["optimizer_param_state"]):
                     _load_parameter_state_from_dp_zero(o, s)
-        self.optimizer.reload_model_params()
+                    separate_adam_steps(o.optimizer)
+        # No reload_model_params() here: it copies the (bf16) model parameters over the fp32 main parameters that
+        # were just loaded; Megatron-LM calls it only when a checkpoint's optimizer state is not loaded.
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def separate_adam_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter its own Adam step tensor. megatron-core 0.19's `DistributedOptimizer.load_state_dict`
+    (torch Adam, no Apex / TE) puts one step tensor object into every parameter's state, and torch's Adam
+    increments each parameter's step in place: one optimizer step after a resume then advanced the shared count
+    once per parameter, and the bias correction of every later step was wrong (seen as a resumed run leaving the
+    uninterrupted trajectory at its first step)."""
+    for st in optimizer.state.values():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].detach().clone()
 
 
 def _load_parameter_state_from_dp_zero(optimizer, state) -> None:

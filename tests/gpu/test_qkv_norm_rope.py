@@ -11,21 +11,28 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1000, 1, 12, 128), (333, 2, 5, 64), (64, 3, 40, 128)],
                          ids=lambda s: "s{}b{}h{}d{}".format(*s))
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_kernel_matches_reference_region(shape, dtype, with_bias):
+@pytest.mark.parametrize("parts, with_rope", [(3, True), (1, False), (3, False)], ids=["qkv-rope", "q", "qkv"])
+def test_kernel_matches_reference_region(shape, dtype, with_bias, parts, with_rope):
     from rcm_kernels.qkv_norm_rope import qkv_norm_rope, supported
 
     from megatron_rcm.models.blocks import _qk_norm_rope_local
 
     S, B, H, D = shape
-    gen = torch.Generator(device="cuda").manual_seed(S * H + D)
-    y = torch.randn(S, B, H * 3 * D, device="cuda", dtype=dtype, generator=gen) * 3
-    bias = torch.randn(H * 3 * D, device="cuda", dtype=dtype, generator=gen) if with_bias else None
-    wq, wk = (torch.rand(H, D, device="cuda", generator=gen).to(dtype) + 0.5 for _ in range(2))
-    ang = torch.rand(S, 1, 1, D // 2, device="cuda", generator=gen) * 100
-    cos, sin = torch.cos(ang), torch.sin(ang)
-    assert supported(y, cos, H, D)
-    got = qkv_norm_rope(y, bias, wq, wk, cos, sin, H, D, 1e-6)
-    ref = _qk_norm_rope_local.__wrapped__(y, None, bias, (wq, wk), cos, sin, False, False, 1e-6, H * D, H, 3, D, dtype)
+    gen = torch.Generator(device="cuda").manual_seed(S * H + D + parts)
+    y = torch.randn(S, B, H * parts * D, device="cuda", dtype=dtype, generator=gen) * 3
+    bias = torch.randn(H * parts * D, device="cuda", dtype=dtype, generator=gen) if with_bias else None
+    weights = tuple(torch.rand(H, D, device="cuda", generator=gen).to(dtype) + 0.5 for _ in range(min(parts, 2)))
+    cos = sin = None
+    if with_rope:
+        ang = torch.rand(S, 1, 1, D // 2, device="cuda", generator=gen) * 100
+        cos, sin = torch.cos(ang), torch.sin(ang)
+    assert supported(y, cos, H, D, parts)
+    y_before = y.clone()
+    got = qkv_norm_rope(y, bias, weights, cos, sin, H, D, 1e-6, parts)
+    assert torch.equal(y, y_before)
+    ref = _qk_norm_rope_local.__wrapped__(y, None, bias, weights, cos, sin, False, False, 1e-6, H * D, H, parts, D,
+                                          dtype)
+    assert len(got) == len(ref) == parts
     for name, g, (r, _) in zip("qkv", got, ref):
         assert g.shape == r.shape == (S, B, H, D) and g.dtype == dtype
         assert torch.isfinite(g).all()
@@ -59,8 +66,9 @@ def test_wan_forward_with_and_without_the_kernel(monkeypatch):
     monkeypatch.setenv("RCM_QKV_KERNEL", "1")
     with torch.no_grad():
         got = model(x, t, text).float()
-        assert len(calls) == cfg.num_layers, "the plain forward must take the kernel in every block"
+        # self-attention q/k/v and cross-attention q in every block
+        assert len(calls) == 2 * cfg.num_layers, "the plain forward must take the kernel in every block"
         monkeypatch.setenv("RCM_QKV_KERNEL", "0")
         ref = model(x, t, text).float()
-    assert len(calls) == cfg.num_layers
+    assert len(calls) == 2 * cfg.num_layers
     assert ((got - ref).norm() / ref.norm()).item() <= 1e-2

@@ -66,3 +66,46 @@ def test_skipped_step_changes_nothing():
     assert result.skipped and t.scheduler.num_steps == 0
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
     assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_resumed_adam_with_one_shared_step_tensor_keeps_the_trajectory_once_steps_are_separated(foreach):
+    import copy
+
+    from megatron_rcm.training.trainable import separate_adam_steps
+
+    gen = torch.Generator().manual_seed(0)
+    net = _net()
+    grads = [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in net.parameters()] for _ in range(3)]
+
+    def step(opt, params, g):
+        for p, gi in zip(params, g):
+            p.grad = gi.clone()
+        opt.step()
+
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, foreach=foreach)
+    for g in grads[:2]:
+        step(opt, net.parameters(), g)
+    saved = copy.deepcopy(opt.state_dict())
+    shared = torch.tensor(2.0)
+    for s in saved["state"].values():  # what megatron-core's DistributedOptimizer.load_state_dict hands torch
+        s["step"] = shared
+    resumed = {}
+    for separate in (True, False):
+        copy_net = copy.deepcopy(net)
+        o = torch.optim.Adam(copy_net.parameters(), lr=1e-2, foreach=foreach)
+        o.load_state_dict(copy.deepcopy(saved))  # one copy keeps the step tensor shared
+        if separate:
+            separate_adam_steps(o)
+        step(o, copy_net.parameters(), grads[2])
+        resumed[separate] = (copy_net, o)
+    step(opt, net.parameters(), grads[2])
+
+    copy_net, o = resumed[True]
+    assert [s["step"].item() for s in o.state.values()] == [3.0] * 4
+    for a, b in zip(net.parameters(), copy_net.parameters()):
+        assert torch.equal(a, b)
+    # without the separation the one step tensor advances once per parameter and the update differs
+    copy_net, o = resumed[False]
+    assert [s["step"].item() for s in o.state.values()] == [6.0] * 4
+    assert any(not torch.equal(a, b) for a, b in zip(net.parameters(), copy_net.parameters()))

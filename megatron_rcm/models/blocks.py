@@ -29,7 +29,9 @@ def parallel_config(params_dtype: torch.dtype, sequence_parallel: bool, perform_
         tensor_model_parallel_size=tp,
         sequence_parallel=bool(sequence_parallel and tp > 1),
         params_dtype=params_dtype,
-        use_cpu_initialization=(not torch.cuda.is_available()) if use_cpu_initialization is None
+        # megatron's layers allocate on the current CUDA device unless told otherwise; follow torch's default
+        # device instead (CPU, or a `with torch.device("cuda")` block) so that a model is on one device
+        use_cpu_initialization=(torch.empty(()).device.type != "cuda") if use_cpu_initialization is None
         else use_cpu_initialization,
         perform_initialization=perform_initialization,
         gradient_accumulation_fusion=False,

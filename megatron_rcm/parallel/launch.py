@@ -13,7 +13,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, fn, args, errors):
+def _entry(rank, world_size, port, fn, args, errors, cuda):
+    if not cuda:
+        # before anything initialises CUDA in this fresh process: gloo and CPU tensors, as on a CPU-only machine
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -29,8 +32,11 @@ def _entry(rank, world_size, port, fn, args, errors):
         destroy_parallel()
 
 
-def run_on_ranks(fn, world_size: int, *args) -> None:
+def run_on_ranks(fn, world_size: int, *args, cuda: bool = False) -> None:
     """Call `fn(*args)` in `world_size` fresh processes with torchrun's environment variables set.
+
+    The processes see no GPU unless `cuda` (then rank r uses GPU r, NCCL): a CPU test behaves the same on a GPU
+    node.
 
     `fn` must be importable (a module-level function). The first failure's traceback is re-raised here.
     """
@@ -38,7 +44,7 @@ def run_on_ranks(fn, world_size: int, *args) -> None:
     errors = ctx.SimpleQueue()
     port = _free_port()
     try:
-        mp.start_processes(_entry, args=(world_size, port, fn, args, errors), nprocs=world_size,
+        mp.start_processes(_entry, args=(world_size, port, fn, args, errors, cuda), nprocs=world_size,
                            start_method="spawn", join=True)
     except mp.ProcessRaisedException:
         pass

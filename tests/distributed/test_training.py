@@ -20,7 +20,8 @@ PHASES = ["student", "student", "student", "critic", "student", "critic", "stude
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # the CPU path (gloo, torch grad sync) also on a GPU node; tests/gpu/test_training_gpu.py covers the GPU path
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env

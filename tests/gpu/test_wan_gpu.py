@@ -86,7 +86,7 @@ def test_tensor_parallel_nccl_matches_single_gpu():
 
     from megatron_rcm.parallel import run_on_ranks
 
-    run_on_ranks(check_tp_nccl, 2)
+    run_on_ranks(check_tp_nccl, 2, cuda=True)
 
 
 @pytest.mark.parametrize("batch", [1, 2])

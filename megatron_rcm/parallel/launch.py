@@ -13,10 +13,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, fn, args, errors, cuda):
-    if not cuda:
-        # before anything initialises CUDA in this fresh process: gloo and CPU tensors, as on a CPU-only machine
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+def _entry(rank, world_size, port, fn, args, errors):
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -43,11 +40,20 @@ def run_on_ranks(fn, world_size: int, *args, cuda: bool = False) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = _free_port()
+    # a spawned process reads CUDA_VISIBLE_DEVICES when it starts, before it imports anything that looks at CUDA
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not cuda:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
-        mp.start_processes(_entry, args=(world_size, port, fn, args, errors, cuda), nprocs=world_size,
+        mp.start_processes(_entry, args=(world_size, port, fn, args, errors), nprocs=world_size,
                            start_method="spawn", join=True)
     except mp.ProcessRaisedException:
         pass
+    finally:
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     if not errors.empty():
         rank, tb = errors.get()
         raise RuntimeError(f"rank {rank} failed:\n{tb}")

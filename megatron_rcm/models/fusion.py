@@ -26,9 +26,9 @@ def _inductor_options() -> dict:
     from torch._inductor import config
 
     options = {"triton.mix_order_reduction": False} if hasattr(config.triton, "mix_order_reduction") else {}
-    if switch("RCM_FUSION_TUNING"):
-        # search block sizes / warps of each generated kernel at compile time: a slower first call per shape
-        # (benchmarks/RESULTS.md), 2-3 % faster forwards; RCM_FUSION_TUNING=0 for quick starts
+    if switch("RCM_FUSION_TUNING", default=False):
+        # search block sizes / warps of each generated kernel at compile time: ~0.5 % faster Wan-1.3B forwards for
+        # a first call of ~54 s instead of ~6 s (benchmarks/RESULTS.md); off, as few-step generation pays for it
         options.update({"coordinate_descent_tuning": True, "max_autotune_pointwise": True})
     return options
 

@@ -1,11 +1,30 @@
 """Console lines in Megatron's style and TensorBoard scalars / sample videos (rank 0 writes)."""
 
 import io
+import json
 import os
 import sys
 import time
 
 import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+"""One JSON line per iteration in the run directory (exact float repr): what tests and scripts compare across runs."""
+
+
+def append_metrics(run_dir: str, record: dict) -> None:
+    with open(os.path.join(run_dir, METRICS_FILE), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str) -> dict[int, dict]:
+    """The last record of every iteration (a resumed run re-logs the iterations after its checkpoint)."""
+    out = {}
+    with open(os.path.join(run_dir, METRICS_FILE)) as f:
+        for line in f:
+            r = json.loads(line)
+            out[r["iteration"]] = r
+    return out
 
 
 def _hms(seconds: float) -> str:

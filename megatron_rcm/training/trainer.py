@@ -12,7 +12,6 @@ every device (draws are made on the CPU and copied to the GPU), so that a seed g
 CPU and CUDA.
 """
 
-import json
 import os
 import signal
 import time
@@ -27,7 +26,7 @@ from megatron_rcm.parallel import state
 from megatron_rcm.training import checkpointing
 from megatron_rcm.training.config import ConfigError, TrainingConfig, dump_config, model_preset
 from megatron_rcm.training.data import build_batches
-from megatron_rcm.training.logger import TrainingLogger
+from megatron_rcm.training.logger import TrainingLogger, append_metrics
 from megatron_rcm.training.trainable import make_trainable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -403,10 +402,8 @@ class Trainer:
         self.log.print(f"received signal {signum}: saving a checkpoint and exiting")
 
     def _append_metrics(self, record: dict) -> None:
-        # one JSON line per iteration (exact float repr): what tests and scripts compare across runs
         if self.rank == 0:
-            with open(os.path.join(self.config.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(self.config.run_dir, record)
 
     def train(self) -> list[dict]:
         c = self.config

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from megatron_rcm.training.logger import METRICS_FILE, read_metrics
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SHORT = ["training.train_iters=8", "rcm.tangent_warmup=3", "logging.log_interval=2", "logging.eval_interval=4",
          "logging.eval_samples=8", "logging.teacher_eval_steps=4", "checkpoint.save_interval=4",
@@ -43,16 +45,6 @@ def _train(run_dir, extra=(), nproc=2):
     return p
 
 
-def _metrics(run_dir):
-    """The last record of every iteration (a resumed run re-logs the iterations after its checkpoint)."""
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            out[r["iteration"]] = r
-    return out
-
-
 def _losses(records):
     return {i: {k: v for k, v in r.items() if k.startswith("loss/") or k.startswith("grad_norm/")}
             for i, r in records.items()}
@@ -67,7 +59,7 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_default_end_to_end(tiny_run):
     run_dir, log = tiny_run
-    m = _metrics(run_dir)
+    m = read_metrics(run_dir)
     assert sorted(m) == list(range(1, 9))
     assert [m[i]["phase"] for i in range(1, 9)] == PHASES
     assert set(m[1]) >= {"loss/scm", "grad_norm/student", "lr/student"} and "loss/dmd" not in m[1]  # warm-up: sCM
@@ -84,7 +76,7 @@ def test_tiny_default_end_to_end(tiny_run):
 
 def test_nan_loss_skips_the_step_and_training_goes_on(tiny_run):
     run_dir, log = tiny_run
-    m = _metrics(run_dir)
+    m = read_metrics(run_dir)
     assert m[6]["skipped_iterations"] == 1 and m[6]["loss/total"] != m[6]["loss/total"]  # NaN
     assert "iteration 6: non-finite loss (critic phase) - step skipped" in log
     for i in (1, 2, 3, 4, 5, 7, 8):
@@ -109,7 +101,7 @@ def test_tensorboard_holds_the_expected_scalars_and_videos(tiny_run):
     assert expected <= scalars, expected - scalars
     assert [e.step for e in acc.Scalars("loss/scm")] == [1, 2, 3, 5, 7]  # student iterations
     assert [e.step for e in acc.Scalars("eval/ema/alignment_1step")] == [0, 4, 8]
-    m = _metrics(run_dir)
+    m = read_metrics(run_dir)
     assert [e.value for e in acc.Scalars("loss/critic")][0] == pytest.approx(m[4]["loss/critic"], rel=1e-6)
     images = set(acc.Tags()["images"])
     assert {"samples/ema_1step", "samples/ema_2step", "samples/ema_4step", "samples/teacher"} <= images
@@ -123,10 +115,10 @@ def test_crash_and_restart_reaches_the_same_losses_bitwise(tiny_run, tmp_path):
     # no evaluation here: it must not matter for the trajectory either
     p1 = _train(resumed, ["logging.eval_interval=0", "checkpoint.exit_after_iteration=6"])
     assert "stopping without a checkpoint" in p1.stdout
-    assert sorted(_metrics(resumed)) == list(range(1, 7))
+    assert sorted(read_metrics(resumed)) == list(range(1, 7))
     p2 = _train(resumed, ["logging.eval_interval=0"])
     assert "resumed from" in p2.stdout and "at iteration 4" in p2.stdout
-    assert _losses(_metrics(resumed)) == _losses(_metrics(run_dir))  # exact float equality
+    assert _losses(read_metrics(resumed)) == _losses(read_metrics(run_dir))  # exact float equality
 
 
 def test_sigterm_saves_and_the_same_command_resumes_exactly(tiny_run, tmp_path):
@@ -136,7 +128,7 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(tiny_run, tmp_path):
     cmd = _torchrun(2, [*SHORT, f"run_dir={resumed}", "logging.eval_interval=0", "checkpoint.save_interval=0",
                         "training.train_iters=40"])
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = os.path.join(resumed, "metrics.jsonl")
+    metrics = os.path.join(resumed, METRICS_FILE)
     deadline = time.time() + 240
     while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
         time.sleep(0.2)
@@ -146,14 +138,14 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(tiny_run, tmp_path):
     saved = int(open(os.path.join(resumed, "checkpoints", "latest")).read().strip().split("_")[1])
     assert 2 <= saved < 8
     _train(resumed, ["logging.eval_interval=0", "training.train_iters=8"])
-    assert _losses(_metrics(resumed)) == _losses(_metrics(run_dir))
+    assert _losses(read_metrics(resumed)) == _losses(read_metrics(run_dir))
 
 
 def test_two_ranks_equal_one_rank_with_gradient_accumulation(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     one = str(tmp_path / "one")
     _train(one, ["logging.eval_interval=0", "training.train_iters=4", "checkpoint.save_interval=0"], nproc=1)
-    a, b = _metrics(run_dir), _metrics(one)
+    a, b = read_metrics(run_dir), read_metrics(one)
     for i in range(1, 5):
         for k, v in _losses({i: b[i]})[i].items():
             assert v == pytest.approx(a[i][k], rel=1e-5, abs=1e-8), (i, k)

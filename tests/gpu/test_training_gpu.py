@@ -11,13 +11,14 @@
 Run: pytest -m gpu tests/gpu/test_training_gpu.py (needs 2 GPUs for the last two tests).
 """
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from megatron_rcm.training.logger import read_metrics
 
 pytestmark = pytest.mark.gpu
 
@@ -40,15 +41,6 @@ def _train(run_dir, nproc, extra=(), env_extra=None):
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     return p.stdout
-
-
-def _metrics(run_dir):
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            out[r["iteration"]] = r
-    return out
 
 
 def _assert_same_losses(a, b, iterations, rel, prefixes=("loss/",)):
@@ -75,13 +67,13 @@ def megatron_run(tmp_path_factory):
                                "parallel.use_distributed_optimizer=true"])
     assert "grad sync MegatronTrainable" in log
     assert os.path.isfile(run / "ema" / "megatron_rcm.json")  # dist_checkpointing export
-    return _metrics(run)
+    return read_metrics(run)
 
 
 def test_megatron_ddp_and_distributed_optimizer_match_the_torch_path(tmp_path, megatron_run):
     log = _train(str(tmp_path / "torch"), 1, ["training.train_iters=6", "parallel.grad_sync=torch"])
     assert "grad sync TorchTrainable" in log
-    a, b = _metrics(tmp_path / "torch"), megatron_run
+    a, b = read_metrics(tmp_path / "torch"), megatron_run
     _assert_same_losses(a, b, range(1, 4), rel=1e-4)  # the first losses: fp32, only reduction order differs
     _assert_same_losses(a, b, range(4, 7), rel=1e-2)
 
@@ -93,7 +85,7 @@ def test_megatron_path_on_gpu_matches_the_cpu_path(tmp_path, megatron_run):
     cpu_only = ["training.train_iters=6", "checkpoint.save_at_end=false"]
     log = _train(str(tmp_path / "cpu"), 1, cpu_only, env_extra=CPU_ONLY)
     assert "grad sync TorchTrainable" in log  # grad_sync=auto chose the torch path: the process saw no CUDA
-    cpu = _metrics(tmp_path / "cpu")
+    cpu = read_metrics(tmp_path / "cpu")
     # the sCM loss of the warm-up steps is ~||g||^2 of a normalised target (close to 1 whatever its direction): the
     # gradient norms are compared too, they depend on the target's direction
     checked = ("loss/", "grad_norm/")
@@ -102,7 +94,7 @@ def test_megatron_path_on_gpu_matches_the_cpu_path(tmp_path, megatron_run):
     # the tolerance separates random streams: another seed's first iteration lies outside it
     _train(str(tmp_path / "other-seed"), 1, ["training.seed=1235", *cpu_only[1:], "training.train_iters=1"],
            env_extra=CPU_ONLY)
-    other = _metrics(tmp_path / "other-seed")[1]
+    other = read_metrics(tmp_path / "other-seed")[1]
     for k in ("loss/total", "grad_norm/student"):
         assert other[k] != pytest.approx(megatron_run[1][k], rel=1e-3), (k, other[k])
 
@@ -111,8 +103,8 @@ def test_two_gpus_equal_one_gpu_with_gradient_accumulation(tmp_path):
     _need(2)
     _train(str(tmp_path / "one"), 1, ["training.train_iters=6", "parallel.grad_sync=megatron"])
     _train(str(tmp_path / "two"), 2, ["training.train_iters=6", "parallel.grad_sync=megatron"])
-    _assert_same_losses(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), range(1, 4), rel=1e-4)
-    _assert_same_losses(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), range(4, 7), rel=1e-2)
+    _assert_same_losses(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), range(1, 4), rel=1e-4)
+    _assert_same_losses(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), range(4, 7), rel=1e-2)
 
 
 def test_save_on_two_gpus_resume_on_one(tmp_path):
@@ -124,4 +116,4 @@ def test_save_on_two_gpus_resume_on_one(tmp_path):
     assert "resumed from" in log and "at iteration 4" in log
     ref = str(tmp_path / "ref")
     _train(ref, 1, ["training.train_iters=8", "parallel.grad_sync=megatron"])
-    _assert_same_losses(_metrics(ref), _metrics(run), range(5, 9), rel=1e-2)
+    _assert_same_losses(read_metrics(ref), read_metrics(run), range(5, 9), rel=1e-2)

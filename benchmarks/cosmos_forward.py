@@ -15,7 +15,6 @@ diffusers runs with its default attention dispatch and with SDPA forced to cuDNN
 
 import argparse
 import enum
-import json
 import time
 import types
 import warnings
@@ -23,7 +22,7 @@ import warnings
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from timing import timed  # noqa: E402
+from timing import save, timed, timing_line  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 CASES = {
@@ -137,13 +136,10 @@ def main():
         print(f"[{name}] {r['preset']} latent {r['latent']} ({r['tokens']} tokens)")
         for k in ("diffusers_default", "diffusers_cudnn", "ours_forward", "ours_jvp"):
             if k in r:
-                print(f"  {k:20s} {r[k]['ms_median']:9.1f} ms  peak +{r[k]['peak_activation_gib']:.2f} GiB")
+                print("  " + timing_line(k, r[k]))
         print(f"  ours / diffusers_default = {r['ours_forward']['ms_median'] / r['diffusers_default']['ms_median']:.3f}"
               f"   rel. error (bf16, L2) {r['ours_vs_diffusers_rel_err']:.4f}", flush=True)
-    print(json.dumps(results, indent=2))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=2)
+    save(results, args.out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Timing harness shared by the benchmark scripts: median / min milliseconds and peak activation memory."""
+"""Timing harness shared by the benchmark scripts: median / min milliseconds and peak activation memory, and how the
+results are printed and saved."""
 
+import json
 import time
 
 import torch
@@ -32,3 +34,15 @@ def timed(fn, iters: int, warmup: int = 2):
     times.sort()
     return {"ms_median": times[len(times) // 2], "ms_min": times[0],
             "peak_activation_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+
+
+def timing_line(name: str, r: dict, width: int = 20) -> str:
+    return f"{name:{width}s} {r['ms_median']:9.1f} ms  peak +{r['peak_activation_gib']:.2f} GiB"
+
+
+def save(results: dict, out: str | None) -> None:
+    """Print all results as JSON and write them to `out` when given."""
+    print(json.dumps(results, indent=2))
+    if out:
+        with open(out, "w") as fh:
+            json.dump(results, fh, indent=2)

@@ -10,7 +10,6 @@ modules kept in float32, like ours); each baseline is timed again after ours. Ou
 """
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -19,7 +18,7 @@ import warnings
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from timing import timed  # noqa: E402
+from timing import save, timed, timing_line  # noqa: E402
 
 
 def main():
@@ -106,18 +105,14 @@ def main():
         torch.cuda.synchronize()
         results["ours_jvp_first_call_s"] = time.time() - t1
         results["ours_jvp"] = timed(lambda: ours.jvp(x, t, text, tx, tt), args.iters)
-    for k in [k for k in results if k.startswith(("diffusers_", "ours_forward")) and isinstance(results[k], dict)]:
-        print(f"{k:32s} {results[k]['ms_median']:8.1f} ms  peak +{results[k]['peak_activation_gib']:.2f} GiB")
+    for k, r in results.items():
+        if isinstance(r, dict):
+            print(timing_line(k, r, 32))
     ours_ms = results["ours_forward"]["ms_median"]
     for k in ("diffusers_default", "diffusers_default_after", "diffusers_from_pretrained",
               "diffusers_from_pretrained_after"):
         print(f"ours / {k} = {ours_ms / results[k]['ms_median']:.3f}")
-    if "ours_jvp" in results:
-        print(f"{'ours_jvp':20s} {results['ours_jvp']['ms_median']:8.1f} ms  peak +{results['ours_jvp']['peak_activation_gib']:.2f} GiB")
-    print(json.dumps(results, indent=2))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=2)
+    save(results, args.out)
 
 
 if __name__ == "__main__":

@@ -243,7 +243,6 @@ class MegatronTrainable(Trainable):
             with torch.no_grad():  # it copies into the fp32 main parameters (leaves that require grad)
                 for o, s in zip(self._distributed_parts(), state["optimizer_param_state"]):
                     _load_parameter_state_from_dp_zero(o, s)
-                    separate_adam_steps(o.optimizer)
         # No reload_model_params() here: it copies the (bf16) model parameters over the fp32 main parameters that
         # were just loaded; Megatron-LM calls it only when a checkpoint's optimizer state is not loaded.
         self.scheduler.load_state_dict(state["scheduler"])
@@ -261,10 +260,10 @@ def separate_adam_steps(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _load_parameter_state_from_dp_zero(optimizer, state) -> None:
-    """megatron-core 0.19's `load_parameter_state_from_dp_zero` copies every tensor of a parameter's optimizer
-    state from the saved DP-zero state, which holds no "step": with torch's Adam (no Apex / TE), whose state
-    keeps a per-parameter "step" tensor, it fails with KeyError 'step'. The steps were already restored by
-    `optimizer.load_state_dict`; set them aside during the copy and put them back."""
+    """megatron-core 0.19's `load_parameter_state_from_dp_zero` with torch's Adam (no Apex / TE). It copies every
+    tensor of a parameter's optimizer state from the saved DP-zero state, which holds no "step", and fails with
+    KeyError 'step': the steps, already restored by `optimizer.load_state_dict`, are set aside during the copy and
+    put back, each parameter with its own tensor (`separate_adam_steps`)."""
     inner = optimizer.optimizer.state
     steps = {p: st.pop("step") for p, st in inner.items() if torch.is_tensor(st.get("step"))}
     try:
@@ -272,6 +271,7 @@ def _load_parameter_state_from_dp_zero(optimizer, state) -> None:
     finally:
         for p, step in steps.items():
             inner[p]["step"] = step
+        separate_adam_steps(optimizer.optimizer)
 
 
 def make_trainable(kind: str, name: str, module, lr, cfg: OptimizerConfig, train_iters: int,

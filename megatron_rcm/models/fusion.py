@@ -27,8 +27,8 @@ def _inductor_options() -> dict:
 
     options = {"triton.mix_order_reduction": False} if hasattr(config.triton, "mix_order_reduction") else {}
     if switch("RCM_FUSION_TUNING", default=False):
-        # search block sizes / warps of each generated kernel at compile time: ~0.5 % faster Wan-1.3B forwards for
-        # a first call of ~54 s instead of ~6 s (benchmarks/RESULTS.md); off, as few-step generation pays for it
+        # search block sizes / warps of each generated kernel at compile time: ~1.5 % faster Wan-1.3B forwards for
+        # a first call of ~50 s instead of ~8 s (benchmarks/RESULTS.md); off, as few-step generation pays for it
         options.update({"coordinate_descent_tuning": True, "max_autotune_pointwise": True})
     return options
 

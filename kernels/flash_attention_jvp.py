@@ -74,6 +74,12 @@ class JVPKernelConfig:
     inputs split the probabilities into a high and a low fp16 part (three more GEMMs). ``False``: the
     probabilities are rounded to the input dtype (faster, about 1.4x the error)."""
 
+    warp_specialized: bool = True
+    """On Hopper (sm_90), for head dims 64 and 128 with TMA-compatible strides, run the warp-specialised
+    kernel of :mod:`rcm_kernels.flash_attention_jvp_hopper` (a TMA producer warp and two consumer
+    warpgroups) instead of this module's kernel; ``block_m``, ``num_warps`` and ``num_stages`` then do
+    not apply. fp16 inputs with ``precise`` always use this module's kernel (the split probabilities)."""
+
 
 def default_config(
     head_dim: int,
@@ -110,9 +116,10 @@ def default_config(
 
 
 def parse_config(text: str) -> JVPKernelConfig:
-    """``"block_m,block_n,num_warps,num_stages[,skip_rescale[,precise]]"``, e.g. ``"128,64,8,2,1,1"``."""
+    """``"block_m,block_n,num_warps,num_stages[,skip_rescale[,precise[,warp_specialized]]]"``, e.g.
+    ``"128,64,8,2,1,1,0"`` (this module's kernel even on Hopper)."""
     fields = [int(x) for x in text.split(",")]
-    flags = dict(zip(("skip_rescale", "precise"), (bool(x) for x in fields[4:])))
+    flags = dict(zip(("skip_rescale", "precise", "warp_specialized"), (bool(x) for x in fields[4:])))
     return JVPKernelConfig(*fields[:4], **flags)
 
 
@@ -396,6 +403,13 @@ def flash_attention_jvp(
     vscale = None
     if cfg.precise and q.dtype == torch.bfloat16:
         v, tv, vscale = _values_as_fp16(v, tv)
+    if cfg.warp_specialized and q.is_cuda and not (cfg.precise and q.dtype == torch.float16):
+        # Imported here: Gluon is only needed (and only compiles) on Hopper GPUs.
+        from .flash_attention_jvp_hopper import flash_attention_jvp_hopper, hopper_kernel_supports
+
+        if hopper_kernel_supports(q, k, v, tq, tk, tv, o, to):
+            return flash_attention_jvp_hopper(q, k, v, tq, tk, tv, o, to, lse, mu, scale, vscale,
+                                              block_n=cfg.block_n)
     # Pointers of absent tangents are never dereferenced (HAS_TK / HAS_TV are compile-time): pass primals.
     tk_ = tk if has_tk else k
     tv_ = tv if has_tv else v

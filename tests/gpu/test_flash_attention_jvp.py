@@ -5,6 +5,7 @@ most 1.2x the error of the obvious alternative in the same dtype — ``torch.fun
 SDPA backend for ``o, to``, and over ``logsumexp(q k^T * scale)`` for ``lse, mu``.
 """
 
+import dataclasses
 import math
 import zlib
 
@@ -97,18 +98,22 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("warp_specialized", [True, False], ids=["default", "portable"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}q{}k{}d{}{}".format(*c[:5], "" if c[5] else "-notkv"))
-def test_kernel_error_within_baseline(case, dtype):
-    from rcm_kernels import flash_attention_jvp
+def test_kernel_error_within_baseline(case, dtype, warp_specialized):
+    # "default" runs the warp-specialised Hopper kernel where it applies (bf16, head dims 64/128 on sm_90),
+    # "portable" the Triton kernel everywhere.
+    from rcm_kernels import default_config, flash_attention_jvp
 
     b, h, sq, sk, d, kv_tangent = case
     scale = 1.0 / math.sqrt(d)
+    config = dataclasses.replace(default_config(d, sq, sk, b * h, kv_tangent, dtype), warp_specialized=warp_specialized)
     for repeat in range(2):  # fresh random inputs on every check
         seed = zlib.crc32(repr((case, str(dtype), repeat)).encode())
         q, k, v, tq, tk, tv = _inputs(seed, b, h, sq, sk, d, dtype, kv_tangent)
         out = _poisoned_out(q)
-        got = flash_attention_jvp(q, k, v, tq, tk, tv, scale=scale, out=out)
+        got = flash_attention_jvp(q, k, v, tq, tk, tv, scale=scale, out=out, config=config)
         assert all(g is o for g, o in zip(got, out))
         ref = _float64_reference(q, k, v, tq, tk, tv, scale)
         base = _same_dtype_baseline(q, k, v, tq, tk, tv, scale)
@@ -218,3 +223,27 @@ def test_values_beyond_fp16_range():
     ref = _float64_reference(q, k, v, tq, tk, tv, 128 ** -0.5)
     base = _same_dtype_baseline(q, k, v, tq, tk, tv, 128 ** -0.5)
     _check_against_baseline(got, ref, base, "large values")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the warp-specialised kernel is for sm_90")
+def test_hopper_kernel_applies_to_the_dit_layouts():
+    """The DiT hands the kernel permuted [S, B, H, D] views (and [B, S, H, D] from other callers): both must
+    take the fast kernel, and its result must be the one flash_attention_jvp returns."""
+    from rcm_kernels import flash_attention_jvp
+    from rcm_kernels.flash_attention_jvp_hopper import flash_attention_jvp_hopper, hopper_kernel_supports
+
+    q, k, v, tq, tk, tv = _inputs(18, 2, 3, 700, 900, 128, torch.bfloat16, True)
+    o = torch.empty_like(q)
+    assert hopper_kernel_supports(q, k, v, tq, tk, tv, o, o)
+    bshd = [x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for x in (q, k, v, tq, tk, tv)]
+    assert hopper_kernel_supports(*bshd, o, o)
+    assert not hopper_kernel_supports(q, k, v, tq, tk, None, o, o)  # one K/V tangent alone: portable kernel
+    assert not hopper_kernel_supports(q[..., :96], k[..., :96], v[..., :96], tq[..., :96], None, None, o, o)
+
+    cfg = dataclasses.replace(__import__("rcm_kernels").default_config(128, 700, 900, 6), precise=False)
+    got = flash_attention_jvp(q, k, v, tq, tk, tv, config=cfg)
+    out = _poisoned_out(q)
+    direct = flash_attention_jvp_hopper(q, k, v, tq, tk, tv, *out, 128 ** -0.5, None)
+    for g, d in zip(got, direct):
+        torch.testing.assert_close(g, d, rtol=0, atol=0)

@@ -10,6 +10,7 @@ modules kept in float32, like ours); each baseline is timed again after ours. Ou
 """
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -19,6 +20,17 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 from timing import save, timed, timing_line  # noqa: E402
+
+
+@contextlib.contextmanager
+def _environment(assignments):
+    saved = dict(os.environ)
+    os.environ.update(assignments)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def main():
@@ -68,6 +80,8 @@ def main():
                "latent": args.latent, "tokens": tokens, "our_attention_backend": attention_backend("cuda", 9),
                "build_s": build_s}
 
+    variants = [(name, dict(kv.split("=", 1) for kv in assignments.split(",") if kv))
+                for name, _, assignments in (spec.partition(":") for spec in args.variant)]
     with torch.no_grad():
         results["diffusers_default"] = timed(lambda: ref(x, t, text, return_dict=False), args.iters)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -85,15 +99,9 @@ def main():
         a = ref_pretrained(x, t, text, return_dict=False)[0].float()
         results["ours_vs_diffusers_from_pretrained_rel_err"] = ((a - b).norm() / a.norm()).item()
         del a, b
-        for spec in args.variant:
-            name, _, assignments = spec.partition(":")
-            saved = dict(os.environ)
-            os.environ.update(kv.split("=", 1) for kv in assignments.split(",") if kv)
-            try:
+        for name, env in variants:
+            with _environment(env):
                 results[f"ours_forward[{name}]"] = timed(lambda: ours(x, t, text), args.iters)
-            finally:
-                os.environ.clear()
-                os.environ.update(saved)
         # the baselines again, after ours: drift of the card shows here
         results["diffusers_default_after"] = timed(lambda: ref(x, t, text, return_dict=False), args.iters)
         results["diffusers_from_pretrained_after"] = timed(lambda: ref_pretrained(x, t, text, return_dict=False),
@@ -105,8 +113,17 @@ def main():
         torch.cuda.synchronize()
         results["ours_jvp_first_call_s"] = time.time() - t1
         results["ours_jvp"] = timed(lambda: ours.jvp(x, t, text, tx, tt), args.iters)
+        out, tangent = ours.jvp(x, t, text, tx, tt)
+        for name, env in variants:
+            with _environment(env):
+                results[f"ours_jvp[{name}]"] = timed(lambda: ours.jvp(x, t, text, tx, tt), args.iters)
+                out_v, tangent_v = ours.jvp(x, t, text, tx, tt)
+            results[f"ours_jvp[{name}]_rel_diff"] = {
+                name: ((a.float() - b.float()).norm() / b.float().norm()).item()
+                for name, a, b in (("output", out_v, out), ("tangent", tangent_v, tangent))}
+            print(f"jvp [{name}] vs default: {results[f'ours_jvp[{name}]_rel_diff']}")
     for k, r in results.items():
-        if isinstance(r, dict):
+        if isinstance(r, dict) and "ms_median" in r:
             print(timing_line(k, r, 32))
     ours_ms = results["ours_forward"]["ms_median"]
     for k in ("diffusers_default", "diffusers_default_after", "diffusers_from_pretrained",

@@ -37,9 +37,10 @@ picked by a rule rather than autotuned, so a new shape costs no recompilation an
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -77,8 +78,9 @@ class JVPKernelConfig:
     warp_specialized: bool = True
     """On Hopper (sm_90), for head dims 64 and 128 with TMA-compatible strides, run the warp-specialised
     kernel of :mod:`rcm_kernels.flash_attention_jvp_hopper` (a TMA producer warp and two consumer
-    warpgroups) instead of this module's kernel; ``block_m``, ``num_warps`` and ``num_stages`` then do
-    not apply. fp16 inputs with ``precise`` always use this module's kernel (the split probabilities)."""
+    warpgroups, 128 query rows and 64 keys per step) instead of this module's kernel; the block sizes,
+    ``num_warps`` and ``num_stages`` above then do not apply. fp16 inputs with ``precise`` always use
+    this module's kernel (the split probabilities)."""
 
 
 def default_config(
@@ -94,11 +96,18 @@ def default_config(
     A rule instead of an autotuner: autotuning every (Sq, Sk) pair a DiT meets would cost a minute per
     shape. Chosen by compiling for sm_90 (registers, spills, shared memory) and timing a handful of
     configurations on an H100 (benchmarks/RESULTS.md): 128 query rows over two warpgroups, 64 keys per
-    step. ``RCM_JVP_KERNEL_CONFIG`` overrides it (see :func:`parse_config`).
+    step. ``RCM_JVP_KERNEL_CONFIG`` overrides it (see :func:`parse_config`); ``RCM_JVP_WARP_SPECIALIZED=0``
+    keeps the portable kernel on Hopper too.
     """
     override = os.environ.get("RCM_JVP_KERNEL_CONFIG")
     if override:
         return parse_config(override)
+    if os.environ.get("RCM_JVP_WARP_SPECIALIZED", "1") == "0":
+        return replace(_rule_config(head_dim, seq_q, batch_heads, has_kv_tangent, dtype), warp_specialized=False)
+    return _rule_config(head_dim, seq_q, batch_heads, has_kv_tangent, dtype)
+
+
+def _rule_config(head_dim, seq_q, batch_heads, has_kv_tangent, dtype) -> JVPKernelConfig:
     block_d = triton.next_power_of_2(head_dim)
     if block_d > 128:
         # Correct, not tuned: the two [64, 256] fp32 accumulators alone fill the register file.
@@ -305,6 +314,17 @@ def _jvp_fwd_kernel(
     tl.store(MU + off_b * stride_mb + off_h * stride_mh + offs_m * stride_mm, mu, mask=mask_m)
 
 
+@functools.cache
+def _hopper_kernel():
+    """The warp-specialised kernel's module, or None where this Triton has no Gluon for Hopper (< 3.6).
+    Imported on first use: only Hopper GPUs need it."""
+    try:
+        from . import flash_attention_jvp_hopper
+    except ImportError:
+        return None
+    return flash_attention_jvp_hopper
+
+
 def _check_pair(name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
     if x.shape != ref.shape or x.dtype != ref.dtype or x.device != ref.device:
         raise ValueError(
@@ -404,12 +424,9 @@ def flash_attention_jvp(
     if cfg.precise and q.dtype == torch.bfloat16:
         v, tv, vscale = _values_as_fp16(v, tv)
     if cfg.warp_specialized and q.is_cuda and not (cfg.precise and q.dtype == torch.float16):
-        # Imported here: Gluon is only needed (and only compiles) on Hopper GPUs.
-        from .flash_attention_jvp_hopper import flash_attention_jvp_hopper, hopper_kernel_supports
-
-        if hopper_kernel_supports(q, k, v, tq, tk, tv, o, to):
-            return flash_attention_jvp_hopper(q, k, v, tq, tk, tv, o, to, lse, mu, scale, vscale,
-                                              block_n=cfg.block_n)
+        hopper = _hopper_kernel()
+        if hopper is not None and hopper.hopper_kernel_supports(q, k, v, tq, tk, tv, o, to):
+            return hopper.flash_attention_jvp_hopper(q, k, v, tq, tk, tv, o, to, lse, mu, scale, vscale)
     # Pointers of absent tangents are never dereferenced (HAS_TK / HAS_TV are compile-time): pass primals.
     tk_ = tk if has_tk else k
     tv_ = tv if has_tv else v

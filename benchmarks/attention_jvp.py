@@ -1,10 +1,11 @@
-"""Attention JVP benchmark: the Triton FA2-JVP kernel against SDPA forward and torch.func.jvp.
+"""Attention JVP benchmark: our FA2-JVP kernels against SDPA forward, torch.func.jvp and the rCM reference.
 
 One GPU, one process. For each shape ``B H S D`` (self-attention, bf16, tangents on q, k and v) it
 times, with CUDA events (median of ``triton.testing.do_bench``):
 
 * ``ours``            — ``rcm_kernels.flash_attention_jvp`` on contiguous ``[B, H, S, D]`` tensors, in its
-  default precise mode and with ``precise=False``,
+  default precise mode and with ``precise=False`` (on Hopper the warp-specialised kernel; ``--sweep`` with a
+  last config field ``0`` times the portable Triton kernel, ``--alternate N`` both in turn),
 * ``ours [S,B,H,D]``  — the same on permuted views of ``[S, B, H, D]`` (the DiT's layout),
 * ``sdpa cudnn`` / ``sdpa flash`` — plain attention forward, no tangents (the floor of what a JVP
   can cost is about 3x these),
@@ -24,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +35,15 @@ DEFAULT_SHAPES = "1,12,32760,128;1,12,8192,128;1,40,8190,128"
 
 def _parse_shapes(text):
     return [tuple(int(x) for x in item.split(",")) for item in text.split(";") if item]
+
+
+def _card_state() -> str:
+    query = "--query-gpu=clocks.sm,power.draw,temperature.gpu"
+    try:
+        out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return "card: " + out.stdout.strip().replace(", ", " / ") + " C"
 
 
 def main(argv=None):
@@ -49,6 +60,9 @@ def main(argv=None):
     parser.add_argument("--cross-sk", type=int, default=512, help="text length for the cross-attention rows")
     parser.add_argument("--keep-triton-cache", action="store_true")
     parser.add_argument("--accuracy", action="store_true", help="also print each config's error vs float64")
+    parser.add_argument("--alternate", type=int, default=0, metavar="N",
+                        help="also time the default and the portable kernel N times in turn per shape, with the "
+                             "card's clock, power and temperature after each (a power-limited card drifts)")
     args = parser.parse_args(argv)
 
     # First-call numbers must include compilation: start from an empty Triton cache.
@@ -208,6 +222,13 @@ def main(argv=None):
             del ref_out
             add(shape, "reference rCM kernel", bench(lambda: reference(q, k, v, tq, tk, tv, D ** -0.5)),
                 jvp_flops, t_ref, note)
+
+        if args.alternate:
+            portable = dataclasses.replace(default_config(D, S, S, B * H), warp_specialized=False)
+            for r in range(args.alternate):
+                for name, cfg in (("default", None), ("portable", portable)):
+                    ms = bench(lambda: flash_attention_jvp(q, k, v, tq, tk, tv, config=cfg))
+                    add(shape, f"alternate {r + 1}: {name}", ms, jvp_flops, note=_card_state())
 
         if i == 0 and args.cross_sk:
             # Cross-attention to text: tangents on the queries only.

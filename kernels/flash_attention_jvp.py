@@ -1,4 +1,7 @@
-"""FlashAttention-2 forward with a Jacobian-vector product, in Triton.
+"""FlashAttention-2 forward with a Jacobian-vector product, in Triton (the portable kernel).
+
+On Hopper, :func:`flash_attention_jvp` hands supported inputs to the warp-specialised kernel of
+:mod:`rcm_kernels.flash_attention_jvp_hopper`, which computes the same recurrences with the same tiles.
 
 For ``o = softmax(scale * q k^T) v`` and tangents ``(tq, tk, tv)`` the kernel returns
 

@@ -406,7 +406,9 @@ def flash_attention_jvp(
         scale = 1.0 / math.sqrt(D)
 
     if out is None:
-        o = torch.empty((B, H, Sq, D), device=q.device, dtype=out_dtype or q.dtype)
+        # In q's memory layout (dense q only; else contiguous): the DiT passes [B, H, S, D] views of [S, B, H, D]
+        # memory, and its permute back to [S, B, H*D] is then a view instead of a copy.
+        o = torch.empty_like(q, dtype=out_dtype or q.dtype)
         to = torch.empty_like(o)
         lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
         mu = torch.empty_like(lse)

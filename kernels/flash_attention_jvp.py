@@ -105,9 +105,10 @@ def default_config(
     override = os.environ.get("RCM_JVP_KERNEL_CONFIG")
     if override:
         return parse_config(override)
+    config = _rule_config(head_dim, seq_q, batch_heads, has_kv_tangent, dtype)
     if os.environ.get("RCM_JVP_WARP_SPECIALIZED", "1") == "0":
-        return replace(_rule_config(head_dim, seq_q, batch_heads, has_kv_tangent, dtype), warp_specialized=False)
-    return _rule_config(head_dim, seq_q, batch_heads, has_kv_tangent, dtype)
+        config = replace(config, warp_specialized=False)
+    return config
 
 
 def _rule_config(head_dim, seq_q, batch_heads, has_kv_tangent, dtype) -> JVPKernelConfig:

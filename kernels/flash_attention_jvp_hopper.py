@@ -19,6 +19,8 @@ only the score mask of the last key block remains.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -273,6 +275,12 @@ def hopper_kernel_supports(q, k, v, tq, tk, tv, o, to) -> bool:
     return True
 
 
+@functools.cache
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    # The kernel always reads a value scale; inputs left in their dtype get this one, made once per device.
+    return torch.ones(1, device=device)
+
+
 def flash_attention_jvp_hopper(q, k, v, tq, tk, tv, o, to, lse, mu, scale, vscale,
                                block_n: int = 64, stages: int = 2, consumer_regs: int = 240):
     """Launch the warp-specialised kernel; arguments as checked and prepared by ``flash_attention_jvp``
@@ -285,7 +293,7 @@ def flash_attention_jvp_hopper(q, k, v, tq, tk, tv, o, to, lse, mu, scale, vscal
     grid = (triton.cdiv(Sq, _BLOCK_M), B * H)
     _jvp_fwd_hopper_kernel[grid](
         *descs,
-        o, to, lse, mu, vscale if vscale is not None else torch.ones(1, device=q.device),
+        o, to, lse, mu, vscale if vscale is not None else _unit_scale(q.device),
         o.stride(0), o.stride(1), o.stride(2),
         to.stride(0), to.stride(1), to.stride(2),
         *lse.stride(), *mu.stride(),

@@ -230,7 +230,7 @@ def test_values_beyond_fp16_range():
 def test_hopper_kernel_applies_to_the_dit_layouts():
     """The DiT hands the kernel permuted [S, B, H, D] views (and [B, S, H, D] from other callers): both must
     take the fast kernel, and its result must be the one flash_attention_jvp returns."""
-    from rcm_kernels import flash_attention_jvp
+    from rcm_kernels import default_config, flash_attention_jvp
     from rcm_kernels.flash_attention_jvp_hopper import flash_attention_jvp_hopper, hopper_kernel_supports
 
     q, k, v, tq, tk, tv = _inputs(18, 2, 3, 700, 900, 128, torch.bfloat16, True)
@@ -241,7 +241,7 @@ def test_hopper_kernel_applies_to_the_dit_layouts():
     assert not hopper_kernel_supports(q, k, v, tq, tk, None, o, o)  # one K/V tangent alone: portable kernel
     assert not hopper_kernel_supports(q[..., :96], k[..., :96], v[..., :96], tq[..., :96], None, None, o, o)
 
-    cfg = dataclasses.replace(__import__("rcm_kernels").default_config(128, 700, 900, 6), precise=False)
+    cfg = dataclasses.replace(default_config(128, 700, 900, 6), precise=False)
     got = flash_attention_jvp(q, k, v, tq, tk, tv, config=cfg)
     out = _poisoned_out(q)
     direct = flash_attention_jvp_hopper(q, k, v, tq, tk, tv, *out, 128 ** -0.5, None)

@@ -4,6 +4,7 @@ folder, an original release, or a megatron-rcm checkpoint; `save_megatron` / `sa
 import contextlib
 import dataclasses
 import os
+import shutil
 from typing import Callable
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from megatron_rcm.checkpoint import hf, io
 from megatron_rcm.checkpoint import cosmos as cosmos_keys
 from megatron_rcm.checkpoint import wan as wan_keys
+from megatron_rcm.checkpoint.pipeline import PipelineExport, write_pipeline
 from megatron_rcm.checkpoint.sharding import full_state_dict, load_full_state_dict
 from megatron_rcm.models.cosmos import CosmosConfig, CosmosModel
 from megatron_rcm.models.wan import WanConfig, WanModel
@@ -174,14 +176,38 @@ def save_megatron(net: torch.nn.Module, path: str) -> None:
                               "params_dtype": str(next(net.parameters()).dtype)})
 
 
-def save_diffusers(net: torch.nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
-    """Write a diffusers model folder (config.json + safetensors) of `net` (every rank calls this)."""
+def save_diffusers(net: torch.nn.Module, path: str, dtype: torch.dtype | None = None,
+                   pipeline: PipelineExport | None = None) -> None:
+    """Write `net` for diffusers (every rank calls this).
+
+    Without `pipeline`: a model folder (config.json + safetensors) that `WanTransformer3DModel.from_pretrained` /
+    `CosmosTransformer3DModel.from_pretrained` loads. With a `PipelineExport` (Wan only): a pipeline folder that
+    `WanPipeline.from_pretrained` loads, with our `RCMScheduler` and a model card (`checkpoint/pipeline.py`)."""
     arch = architecture_of(net)
-    sd = full_state_dict(net)
+    if pipeline is not None and arch.name != "wan":
+        raise ValueError(f"pipeline export is implemented for Wan students only, not {arch.name}; "
+                         f"write the transformer folder alone (no pipeline / --transformer-only)")
+    write_diffusers(arch, net.config, full_state_dict(net), path, dtype, pipeline)
+
+
+def write_diffusers(arch: Architecture, config, sd: dict[str, torch.Tensor], path: str,
+                    dtype: torch.dtype | None = None, pipeline: PipelineExport | None = None) -> None:
+    """Write a full megatron-named state dict as a diffusers model folder or (with `pipeline`) pipeline folder,
+    atomically (side directory renamed into place). Rank 0 writes; every rank calls it."""
     tmp = io.atomic_dir(path)
-    if torch.distributed.get_rank() == 0:
-        hf_sd = arch.mcore_to_hf(sd, net.config)
-        if dtype is not None:
-            hf_sd = {k: v.to(dtype) for k, v in hf_sd.items()}
-        hf.write_model_dir(tmp, {k: v.cpu() for k, v in hf_sd.items()}, net.config.to_diffusers())
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        hf_sd = arch.mcore_to_hf(sd, config)
+        hf_sd = {k: (v.to(dtype) if dtype is not None else v).cpu() for k, v in hf_sd.items()}
+
+        def write_transformer(directory):
+            hf.write_model_dir(directory, hf_sd, config.to_diffusers())
+
+        try:
+            if pipeline is None:
+                write_transformer(tmp)
+            else:
+                write_pipeline(tmp, pipeline, config.hidden_size, write_transformer)
+        except BaseException:  # nothing that looks like an export is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     io.commit_dir(tmp, path)

@@ -1,0 +1,96 @@
+"""Estimate the per-GPU memory of an rCM run before starting it (no weights, no GPU; seconds on a login node).
+
+    python tools/estimate_memory.py --config examples/configs/wan2.1-t2v-14b-480p.yaml --gpus 64
+    python tools/estimate_memory.py --config examples/configs/wan2.1-t2v-1.3b-480p.yaml model.activation_checkpointing=false
+    python tools/estimate_memory.py --config FILE [key=value ...] --gpu-memory 80GiB --json
+
+Prints the layout, the resident memory (weights of the four networks, EMA, gradients, optimizer state), the peak
+activations of each pass, the peak per step kind (what torch.cuda.max_memory_allocated reports), a fits / does not
+fit verdict per GPU size, and the smallest layouts that fit on the given number of GPUs. Without --gpu-memory the
+verdicts are for 80 GB (H100 / A100) and 141 GB (H200) cards. `--json`: the same as one JSON object.
+"""
+
+import argparse
+import json
+import re
+import sys
+
+CARDS = {"80 GB": 79.2, "141 GB": 139.8}
+"""Memory torch reports for the common cards, GiB (H100/A100 80GB, H200)."""
+
+
+def parse_memory(text: str) -> float:
+    """'80GiB', '80GB', '141G', '80' (GiB) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(GiB|GB|G|MiB|MB)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"--gpu-memory: cannot read {text!r} (e.g. 80GiB, 141GB)")
+    unit = (m.group(2) or "GiB").lower()
+    return float(m.group(1)) * {"gib": 2**30, "g": 2**30, "gb": 1e9, "mib": 2**20, "mb": 1e6}[unit]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML file (see examples/configs/); default: the tiny default")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor_model_parallel_size=4")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs of the run (default: TP x CP x PP of the config, i.e. DP 1)")
+    p.add_argument("--gpu-memory", type=parse_memory, default=None, help="memory of one GPU, e.g. 80GiB")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--brief", action="store_true", help="layout, peaks and verdicts only (job scripts)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from megatron_rcm.training.console import quiet
+
+    quiet()
+    from megatron_rcm.training.config import ConfigError, load_config
+    from megatron_rcm.training.memory import GiB, estimate, smallest_fitting
+
+    try:
+        config = load_config(args.config, args.overrides)
+        p = config.parallel
+        gpus = args.gpus or p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size
+        est = estimate(config, gpus)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    cards = {f"{args.gpu_memory / GiB:.1f} GiB": args.gpu_memory / GiB} if args.gpu_memory else CARDS
+    fitting = {name: smallest_fitting(config, gpus, gib * GiB) for name, gib in cards.items()}
+    if args.json:
+        out = est.to_dict(args.gpu_memory)
+        out["gpus"] = gpus
+        out["verdicts"] = {name: est.fits(gib * GiB) for name, gib in cards.items()}
+        out["smallest_fitting"] = {name: [e.layout.overrides() for e in rows] for name, rows in fitting.items()}
+        print(json.dumps(out, indent=1))
+        return
+    g = lambda b: f"{b / GiB:7.2f} GiB"
+    lay = est.layout
+    print(f"{config.model.preset} on {gpus} GPU(s): {lay.describe()}")
+    print(f"  global batch {config.training.global_batch_size} = micro {lay.micro_batch} x {lay.num_micro} x "
+          f"DP {lay.dp} | {est.tokens} tokens per sample | {est.parameters:,} parameters per network")
+    if not args.brief:
+        print("  resident per GPU:")
+        for k, v in est.static.items():
+            print(f"    {k:22s} {g(v)}")
+        print(f"    {'total':22s} {g(sum(est.static.values()))}")
+        print("  peak activations per pass:")
+        for k, v in est.activations.items():
+            print(f"    {k:22s} {g(v)}")
+    print("  peak per step (max_memory_allocated): " +
+          " | ".join(f"{k} {v:.2f} GiB" for k, v in est.peak_gib.items()) +
+          f" | needed with allocator overhead and CUDA context: {est.needed / GiB:.2f} GiB")
+    for name, gib in cards.items():
+        verdict = "fits" if est.fits(gib * GiB) else "does NOT fit"
+        print(f"  {name} GPU ({gib:.1f} GiB): {verdict}")
+        if args.brief:
+            continue
+        rows = fitting[name]
+        if not rows:
+            print(f"    no layout of {gpus} GPU(s) fits")
+        for e in rows:
+            print(f"    fits: {e.layout.describe()} -> {e.needed / GiB:.1f} GiB  ({e.layout.overrides()})")
+
+
+if __name__ == "__main__":
+    main()

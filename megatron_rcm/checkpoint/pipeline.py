@@ -46,7 +46,7 @@ class PipelineExport:
 
     card: dict = dataclasses.field(default_factory=dict)
     """Model-card facts known from the training run: `dmd_weight`, `scm_weight`, `iterations`, `command`,
-    `source`, `network` (ema / student), `teacher`; missing ones are left out of the card."""
+    `source`, `network` (ema / student), `teacher`, `export_command`; missing ones are left out of the card."""
 
 
 def scheduler_config(export: PipelineExport) -> dict:
@@ -74,13 +74,17 @@ def resolve_base(export: PipelineExport, hidden_size: int) -> tuple[str, str | N
 
 def write_pipeline(tmp: str, export: PipelineExport, hidden_size: int, write_transformer) -> None:
     """Fill the (side) directory `tmp`: `write_transformer(tmp/transformer)` writes the model folder."""
+    from megatron_rcm.diffusion.pipeline_scheduler import RCMScheduler
+
+    config = scheduler_config(export)
+    RCMScheduler.from_config(config)  # a bad sigma_max / mid_times fails here, not when a user loads the export
     base_name, local = resolve_base(export, hidden_size)
     os.makedirs(os.path.join(tmp, "transformer"))
     write_transformer(os.path.join(tmp, "transformer"))
     os.makedirs(os.path.join(tmp, "scheduler"))
     with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(scheduler_config(export), f, indent=2)
-    index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": scheduler_config(export)["_diffusers_version"],
+        json.dump(config, f, indent=2)
+    index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": config["_diffusers_version"],
              "boundary_ratio": None, "expand_timesteps": False,
              "scheduler": [SCHEDULER_LIBRARY, SCHEDULER_CLASS],
              "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None]}
@@ -121,7 +125,9 @@ def model_card(export: PipelineExport, base_name: str, components_included: bool
     if c.get("source"):
         facts.append(f"- Exported from: `{c['source']}`")
     if c.get("command"):
-        facts.append(f"- Made with: `{c['command']}`")
+        facts.append(f"- Trained with: `{c['command']}`")
+    if c.get("export_command"):
+        facts.append(f"- Exported with: `{c['export_command']}`")
     if components_included:
         load = ('pipe = WanPipeline.from_pretrained("THIS_FOLDER", torch_dtype=torch.bfloat16)')
     else:

@@ -9,9 +9,10 @@ from typing import Callable
 
 import torch
 
-from megatron_rcm.checkpoint import hf, io
+from megatron_rcm.checkpoint import hf, io, reference
 from megatron_rcm.checkpoint import cosmos as cosmos_keys
 from megatron_rcm.checkpoint import wan as wan_keys
+from megatron_rcm.checkpoint.pickles import load_weights_only
 from megatron_rcm.checkpoint.pipeline import PipelineExport, write_pipeline
 from megatron_rcm.checkpoint.sharding import full_state_dict, load_full_state_dict
 from megatron_rcm.models.cosmos import CosmosConfig, CosmosModel
@@ -91,11 +92,15 @@ ORIGINAL_PICKLE = "model.pt"
 """File name of the original Cosmos-Predict2 release weights (a torch pickle without a config)."""
 
 
-def inspect_checkpoint(path: str, model: str | None = None, preset: str | None = None):
-    """Return (architecture, config, kind, directory) for a checkpoint directory, or raise a clear error.
+def inspect_checkpoint(path: str, model: str | None = None, preset: str | None = None,
+                       network: str | None = None):
+    """Return (architecture, config, kind, directory) for a checkpoint directory or file, or raise a clear error.
 
-    kind is 'megatron', 'diffusers' or 'original'. An original Cosmos-Predict2 release (`model.pt`, no config)
-    needs `preset` to name its architecture."""
+    kind is 'megatron', 'diffusers', 'original' or 'reference' (a `.pt` / `.pth` file of the rCM reference
+    implementation; `directory` is then that file and `network` picks 'ema' or 'net' in it). An original
+    Cosmos-Predict2 release (`model.pt`, no config) needs `preset` to name its architecture."""
+    if reference.is_reference_file(path):
+        return _inspect_reference(path, model, preset, network)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     header = io.read_header(path)
@@ -132,40 +137,59 @@ def inspect_checkpoint(path: str, model: str | None = None, preset: str | None =
     return arch, config, kind, directory
 
 
-def read_full_state_dict(arch: Architecture, config, kind: str, directory: str) -> dict[str, torch.Tensor]:
-    """The full (unsharded) megatron-named state dict of a diffusers or original checkpoint."""
+def _inspect_reference(path: str, model: str | None, preset: str | None, network: str | None):
+    if model not in (None, "wan"):
+        raise ValueError(f"{path}: rCM reference files hold Wan models, not {model}")
+    arch = ARCHITECTURES["wan"]
+    if preset is not None:
+        from megatron_rcm.models import get_preset
+
+        name, config = get_preset(preset)
+        if name != "wan":
+            raise ValueError(f"preset {preset} is a {name} model; rCM reference files hold Wan models")
+    else:
+        sd = reference.select_network(reference.load_file(path), network, path)
+        config = WanConfig(**reference.config_fields(sd, path))
+    return arch, config, "reference", path
+
+
+def read_full_state_dict(arch: Architecture, config, kind: str, directory: str,
+                         network: str | None = None) -> dict[str, torch.Tensor]:
+    """The full (unsharded) megatron-named state dict of a diffusers, original or reference checkpoint."""
     pickle = os.path.join(directory, ORIGINAL_PICKLE)
-    if kind == "original" and os.path.isfile(pickle):
-        try:  # tensors only: never unpickle code from a downloaded file
-            sd = torch.load(pickle, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise ValueError(f"{pickle} is not a plain tensor state dict ({e})") from None
-        sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+    if kind == "reference":
+        sd = reference.to_original(reference.select_network(reference.load_file(directory), network, directory))
+        kind = "original"
+    elif kind == "original" and os.path.isfile(pickle):
+        sd = reference.load_file(pickle)  # tensors only: never unpickle code from a downloaded file
     else:
         sd = hf.read_state_dict(directory)
-    if kind == "original":
-        sd = arch.original_to_hf(sd)
     try:
+        if kind == "original":
+            sd = arch.original_to_hf(sd)
         return arch.hf_to_mcore(sd, config)
     except KeyError as e:
         raise ValueError(f"{directory} is not a valid {arch.name} checkpoint: {e.args[0]}") from None
 
 
 def from_pretrained(path: str, *, params_dtype: torch.dtype = torch.bfloat16, sequence_parallel: bool = False,
-                    device=None, model: str | None = None, preset: str | None = None) -> torch.nn.Module:
+                    device=None, model: str | None = None, preset: str | None = None,
+                    network: str | None = None) -> torch.nn.Module:
     """Load a DiT in the current parallel layout (a one-process layout is set up if none exists).
 
     `path`: a diffusers model folder (the `transformer` folder of a pipeline, or the pipeline folder itself), an
-    original Wan-AI release folder, an original Cosmos-Predict2 release folder (`model.pt`; give `preset`), or a
-    megatron-rcm checkpoint. `model` ('wan', 'cosmos') checks the family.
+    original Wan-AI release folder, an original Cosmos-Predict2 release folder (`model.pt`; give `preset`), a
+    megatron-rcm checkpoint, or a `.pt` / `.pth` file of the rCM reference (a released student: `network` 'ema' or
+    'net', default the EMA if present; a teacher file). `model` ('wan', 'cosmos') checks the family.
     """
     state.ensure_parallel()
-    arch, config, kind, directory = inspect_checkpoint(path, model, preset)
+    arch, config, kind, directory = inspect_checkpoint(path, model, preset, network)
     net = build_model(arch, config, params_dtype, sequence_parallel, device, perform_initialization=False)
     if kind == "megatron":
         io.load_model(net, directory)
     else:
-        load_full_state_dict(net, read_full_state_dict(arch, config, kind, directory), f"checkpoint {directory}")
+        load_full_state_dict(net, read_full_state_dict(arch, config, kind, directory, network),
+                             f"checkpoint {directory}")
     return net
 
 
@@ -211,3 +235,76 @@ def write_diffusers(arch: Architecture, config, sd: dict[str, torch.Tensor], pat
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     io.commit_dir(tmp, path)
+
+
+@dataclasses.dataclass
+class TrainingNetwork:
+    """One network of a training checkpoint, gathered in full on the CPU, with what the run knew about it."""
+
+    arch: Architecture
+    config: object
+    state_dict: dict[str, torch.Tensor]
+    """Full (unsharded) megatron-named tensors."""
+    directory: str
+    """The checkpoint (`.../checkpoints/iter_*`) it came from."""
+    meta: dict
+    """The checkpoint's meta.json (iteration, timestep_scale, ...)."""
+    run_config: dict
+    """The run's config.yaml as a dict ({} when absent)."""
+
+
+def is_training_checkpoint(path: str) -> bool:
+    """A run folder (with `checkpoints/`) or one training checkpoint (`meta.json`)."""
+    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "meta.json"))
+
+
+def read_training_network(path: str, network: str = "ema") -> TrainingNetwork:
+    """`network` ('ema' or 'student') of a run folder's newest checkpoint or of one training checkpoint, at any
+    parallel layout, on the CPU, without a GPU; nothing is unpickled beyond tensors."""
+    import json
+
+    import yaml
+
+    from megatron_rcm.training import checkpointing
+
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        latest = checkpointing.latest(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path} is a run folder without a complete checkpoint")
+        path = latest
+    meta_file = os.path.join(path, "meta.json")
+    try:
+        with open(meta_file) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{meta_file} cannot be read ({e}): not a complete training checkpoint") from None
+    reader = getattr(checkpointing, "read_network", None)
+    if reader is not None:
+        family, config_dict, sd = reader(path, network=network)
+    else:
+        family, config_dict, sd = _read_network_single_file(path, meta, network)
+    arch = ARCHITECTURES[family]
+    run_config = {}
+    config_file = os.path.join(path, "config.yaml")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            try:
+                run_config = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{config_file} is not valid YAML ({str(e).splitlines()[0]})") from None
+    return TrainingNetwork(arch, config_from_dict(arch, config_dict), sd, path, meta, run_config)
+
+
+def _read_network_single_file(path: str, meta: dict, network: str):
+    """Training checkpoints of one model-parallel rank (`mp_rank_00_000_00.pt`), read with weights_only=True."""
+    layout = meta.get("parallel", {})
+    if layout.get("tensor_model_parallel_size", 1) != 1 or layout.get("pipeline_model_parallel_size", 1) != 1:
+        raise ValueError(f"{path} was written with model parallelism {layout} in the per-rank format; export the "
+                         f"run's ema/ folder instead")
+    file = os.path.join(path, "mp_rank_00_000_00.pt")
+    state = load_weights_only(file)
+    try:
+        sd = dict(state["ema"]["shadow"]) if network == "ema" else dict(state["student"]["model"])
+    except (KeyError, TypeError):
+        raise ValueError(f"{file} has no {network} network") from None
+    return meta["model"], meta["model_config"], {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}

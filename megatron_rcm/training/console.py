@@ -36,6 +36,7 @@ NOTICES = (
     Notice(r"MCore's async save is deprecated", None),
     Notice(r"Warning\. tp_group is None", None),
     Notice(r"torch\.distributed\.reduce_op is deprecated", None),
+    Notice(r"The following imports from `dynamic_context\.py` will be removed", None),
 )
 
 LOGGERS = ("torch.utils.cpp_extension", "megatron.core.dist_checkpointing.strategies.torch",

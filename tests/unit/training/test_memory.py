@@ -1,0 +1,158 @@
+"""The memory estimator's arithmetic on the tiny config against a hand count, its activation terms against
+saved-tensor counts of the real tiny model, its anchor (the 1.3B scale probe measured on one H200), the CLI on
+every shipped config, and the pre-flight refusal."""
+
+import dataclasses
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from megatron_rcm.training import memory
+from megatron_rcm.training.config import ConfigError, load_config, model_preset
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+GiB = 2**30
+
+
+def _hand_count(c):
+    """Wan DiT parameters by (part, fp32): the layer list of diffusers' WanTransformer3DModel."""
+    h, f, p = c.hidden_size, c.ffn_dim, c.patch_size[0] * c.patch_size[1] * c.patch_size[2]
+    block_lo = (2 * h + 3 * h * h + 3 * h + h * h + h       # self-attention q/k norms, qkv, proj
+                + 2 * h + h * h + h + 2 * h * h + 2 * h + h * h + h  # cross-attention q/k norms, q, kv, proj
+                + f * h + f + h * f + h)                   # MLP
+    block_hi = 6 * h + 2 * h                               # modulation, cross-attention LayerNorm
+    pre_lo = h * c.in_channels * p + h + c.text_dim * h + h + h * h + h  # patch and text embeddings
+    pre_hi = c.freq_dim * h + h + h * h + h + 6 * h * h + 6 * h          # time embedding, time projection
+    post_hi = c.out_channels * p * h + c.out_channels * p + 2 * h        # head, head modulation
+    lo = c.num_layers * block_lo + pre_lo
+    hi = c.num_layers * block_hi + pre_hi + post_hi
+    return lo, hi
+
+
+def test_parameter_counts_match_a_hand_count_and_the_built_model():
+    from megatron_rcm.models import build_model
+    from megatron_rcm.models.loading import ARCHITECTURES
+
+    _, c = model_preset("wan-shapes-tiny")
+    lo, hi = _hand_count(c)
+    table = memory.parameter_table("wan-shapes-tiny", "bfloat16")
+    assert table.local(1, 1, 0, fp32=False) == lo and table.local(1, 1, 0, fp32=True) == hi
+    real = build_model(ARCHITECTURES["wan"], c, torch.bfloat16, False, torch.device("cpu"))
+    assert sum(p.numel() for p in real.parameters() if p.dtype == torch.bfloat16) == lo
+    assert sum(p.numel() for p in real.parameters() if p.dtype == torch.float32) == hi
+    # DESIGN §5b, counted on the meta device with diffusers' classes
+    assert memory.parameter_table("wan2.1-t2v-1.3b", "bfloat16").total == 1_418_996_800
+    assert memory.parameter_table("wan2.1-t2v-14b", "bfloat16").total == 14_288_491_584
+    # TP 2 halves exactly the layers megatron shards: qkv/q/kv/fc1 weights and biases, proj/fc2 weights, q/k norms
+    h, f = c.hidden_size, c.ffn_dim
+    sharded = c.num_layers * (4 * h + 3 * h * h + 3 * h + h * h + h * h + h + 2 * h * h + 2 * h + h * h
+                              + f * h + f + h * f)
+    assert table.local(1, 1, 0) - table.local(2, 1, 0) == sharded / 2
+    # PP 3: one block per stage; embeddings on the first stage, the head on the last
+    lo_b, hi_b = (lo - _hand_count(dataclasses.replace(c, num_layers=0))[0]) / 3, \
+        (hi - _hand_count(dataclasses.replace(c, num_layers=0))[1]) / 3
+    pre_post = lo + hi - 3 * (lo_b + hi_b)
+    assert table.local(1, 3, 1) == lo_b + hi_b
+    assert table.local(1, 3, 0) + table.local(1, 3, 2) == pre_post + 2 * (lo_b + hi_b)
+
+
+def test_resident_memory_of_the_tiny_config_is_the_hand_count():
+    config = load_config(None, ["model.params_dtype=bfloat16"])
+    _, c = model_preset(config.model.preset)
+    lo, hi = _hand_count(c)
+    n = lo + hi
+    est = memory.estimate(config, world_size=2)  # DP 2, megatron grad sync, distributed optimizer
+    weights = 2 * lo + 4 * hi
+    expect = {"teacher_weights": weights, "student_weights": weights, "critic_weights": weights,
+              "ema_weights": weights, "ema_fp32_shadow": 4 * n,
+              "gradient_buffers": 2 * 4 * n,          # student + critic, fp32 buffers, not sharded
+              "fp32_main_params": 2 * 4 * lo / 2,    # for the bf16 parameters only, sharded over DP 2
+              "adam_state": 2 * 8 * n / 2}
+    assert est.static == pytest.approx(expect, rel=0, abs=0)
+    off = memory.estimate(load_config(None, ["model.params_dtype=bfloat16", "parallel.use_distributed_optimizer=false"]), 2)
+    assert off.static["adam_state"] == 2 * 8 * n and off.static["fp32_main_params"] == 2 * 4 * lo
+
+
+def _saved_bytes(num_layers, checkpointing, size=32, batch=2):
+    """Bytes autograd keeps for the backward of one with-grad forward of the tiny model (bf16), not parameters."""
+    from megatron_rcm.models import build_model
+    from megatron_rcm.models.loading import ARCHITECTURES
+    from megatron_rcm.training.trainer import enable_activation_checkpointing
+
+    _, c = model_preset("wan-shapes-tiny")
+    c = dataclasses.replace(c, num_layers=num_layers)
+    model = build_model(ARCHITECTURES["wan"], c, torch.bfloat16, False, torch.device("cpu"))
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 8, size, size, generator=g)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, torch.rand(batch, generator=g) * 1000, torch.randn(batch, 7, c.text_dim, generator=g))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(v for k, v in storages.items() if k not in params), c, batch * 8 * (size // 4) ** 2
+
+
+def test_checkpointed_activation_terms_match_the_tiny_model():
+    s3, c, token_samples = _saved_bytes(3, True)
+    s6, _, _ = _saved_bytes(6, True)
+    per_block = (s6 - s3) / 3 / token_samples
+    assert per_block == memory.CHECKPOINT_INPUT_H * c.hidden_size  # the block input, one bf16 residual element
+    outside = (s3 - 3 * per_block * token_samples) / token_samples
+    assert outside == pytest.approx(memory.OUTSIDE_BLOCKS_H * c.hidden_size, rel=0.05)
+
+
+def test_estimate_matches_the_measured_scale_probe():
+    """DESIGN §6: Wan2.1-1.3B rCM iteration on one H200, 480p x 81, activation checkpointing, micro-batch 1:
+    peaks 70.8 GiB (student step) / 64.6 GiB (critic step), torch.cuda.max_memory_allocated."""
+    from megatron_rcm.training.scale_probe import PROBE
+
+    config = load_config(None, PROBE + ["training.global_batch_size=1"])
+    peak = memory.estimate(config, 1).peak_gib
+    assert peak["student"] == pytest.approx(70.8, rel=0.05) and peak["critic"] == pytest.approx(64.6, rel=0.05)
+    no_ckpt = memory.estimate(load_config(None, PROBE + ["training.global_batch_size=1",
+                                                         "model.activation_checkpointing=false"]), 1)
+    assert not no_ckpt.fits(139.8 * GiB)  # the probe without checkpointing runs out of memory on the H200
+
+
+def test_cli_prints_verdicts_for_every_shipped_config(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("estimate_memory", os.path.join(REPO, "tools", "estimate_memory.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    configs = sorted(glob.glob(os.path.join(REPO, "examples", "configs", "*.yaml")))
+    assert len(configs) >= 6
+    for path in configs:
+        tool.main(["--config", path])
+        out = capsys.readouterr().out
+        assert "80 GB GPU (79.2 GiB): " in out and "141 GB GPU (139.8 GiB): " in out, path
+    tool.main(["--config", os.path.join(REPO, "examples", "configs", "wan2.1-t2v-14b-480p.yaml"), "--gpus", "64",
+               "--gpu-memory", "80GiB", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["peak_gib"]) == {"student", "critic"} and out["layout"]["dp"] == 8
+    assert out["fits"] == (out["needed_gib"] <= 80) and out["smallest_fitting"]
+
+
+def test_preflight_refuses_a_layout_that_cannot_fit_in_one_line():
+    path = os.path.join(REPO, "examples", "configs", "wan2.1-t2v-1.3b-480p.yaml")
+    config = load_config(path, ["model.activation_checkpointing=false"])
+    with pytest.raises(ConfigError) as e:
+        memory.preflight(config, 1, 80 * GiB)
+    msg = str(e.value)
+    assert "\n" not in msg and "memory estimate" in msg and "a layout that fits: parallel." in msg
+    assert "training.skip_memory_check=true" in msg
+    suggested = msg.split("a layout that fits: ")[1].split(" (tools")[0].split()
+    assert "model.activation_checkpointing=true" in suggested
+    memory.preflight(load_config(path, suggested), 1, 80 * GiB)  # the suggestion passes
+    memory.preflight(config, 1, None)  # no GPU: no check
+    config.training.skip_memory_check = True  # the trainer's switch (read with getattr)
+    memory.preflight(config, 1, 80 * GiB)

@@ -126,7 +126,7 @@ def mcore_to_hf(args) -> None:
     elif not args.transformer_only:
         sampler.update({k: v for k, v in (("sigma_max", args.sigma_max), ("mid_times", args.mid_times))
                         if v is not None})
-        card["export_command"] = shlex.join(["python", "tools/convert_checkpoint.py", *sys.argv[1:]])
+        card["export_command"] = shlex.join(["python", "tools/convert_checkpoint.py", *args.argv])
         pipeline = PipelineExport(base_model=args.base_pipeline or "", link_components=args.link_components,
                                   num_train_timesteps=int(config.timestep_scale), card=card, **sampler)
     print(f"writing {len(sd)} tensors as a diffusers {'pipeline' if pipeline else 'model'} folder to "
@@ -188,7 +188,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.argv = argv  # for the model card
     try:
         check_paths(args.input, args.output, args.overwrite)
         if args.command == "mcore-to-hf":

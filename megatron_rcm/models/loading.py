@@ -12,7 +12,6 @@ import torch
 from megatron_rcm.checkpoint import hf, io, reference
 from megatron_rcm.checkpoint import cosmos as cosmos_keys
 from megatron_rcm.checkpoint import wan as wan_keys
-from megatron_rcm.checkpoint.pickles import load_weights_only
 from megatron_rcm.checkpoint.pipeline import PipelineExport, write_pipeline
 from megatron_rcm.checkpoint.sharding import full_state_dict, load_full_state_dict
 from megatron_rcm.models.cosmos import CosmosConfig, CosmosModel
@@ -259,30 +258,26 @@ def is_training_checkpoint(path: str) -> bool:
 
 
 def read_training_network(path: str, network: str = "ema") -> TrainingNetwork:
-    """`network` ('ema' or 'student') of a run folder's newest checkpoint or of one training checkpoint, at any
-    parallel layout, on the CPU, without a GPU; nothing is unpickled beyond tensors."""
+    """`network` ('ema' or 'student') of a run folder's newest checkpoint (the one `latest` names) or of one
+    training checkpoint, at any parallel layout, in this process on the CPU; nothing read can run code
+    (`training.checkpointing.read_network`)."""
     import json
 
     import yaml
 
     from megatron_rcm.training import checkpointing
 
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        latest = checkpointing.latest(path)
-        if latest is None:
-            raise FileNotFoundError(f"{path} is a run folder without a complete checkpoint")
-        path = latest
-    meta_file = os.path.join(path, "meta.json")
-    try:
-        with open(meta_file) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{meta_file} cannot be read ({e}): not a complete training checkpoint") from None
-    reader = getattr(checkpointing, "read_network", None)
-    if reader is not None:
-        family, config_dict, sd = reader(path, network=network)
-    else:
-        family, config_dict, sd = _read_network_single_file(path, meta, network)
+    if not os.path.isfile(os.path.join(path, "meta.json")) and os.path.isdir(checkpointing.checkpoints_dir(path)):
+        root = checkpointing.checkpoints_dir(path)
+        name = checkpointing.read_pointer(root)
+        if name is None:
+            found = ", ".join(checkpointing.complete_checkpoints(root)) or "none"
+            raise FileNotFoundError(f"{root} has no {checkpointing.LATEST} pointer (complete checkpoints: {found}); "
+                                    f"pass one checkpoint directory")
+        path = os.path.join(root, name)
+    family, config_dict, sd = checkpointing.read_network(path, network=network)
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
     arch = ARCHITECTURES[family]
     run_config = {}
     config_file = os.path.join(path, "config.yaml")
@@ -293,18 +288,3 @@ def read_training_network(path: str, network: str = "ema") -> TrainingNetwork:
             except yaml.YAMLError as e:
                 raise ValueError(f"{config_file} is not valid YAML ({str(e).splitlines()[0]})") from None
     return TrainingNetwork(arch, config_from_dict(arch, config_dict), sd, path, meta, run_config)
-
-
-def _read_network_single_file(path: str, meta: dict, network: str):
-    """Training checkpoints of one model-parallel rank (`mp_rank_00_000_00.pt`), read with weights_only=True."""
-    layout = meta.get("parallel", {})
-    if layout.get("tensor_model_parallel_size", 1) != 1 or layout.get("pipeline_model_parallel_size", 1) != 1:
-        raise ValueError(f"{path} was written with model parallelism {layout} in the per-rank format; export the "
-                         f"run's ema/ folder instead")
-    file = os.path.join(path, "mp_rank_00_000_00.pt")
-    state = load_weights_only(file)
-    try:
-        sd = dict(state["ema"]["shadow"]) if network == "ema" else dict(state["student"]["model"])
-    except (KeyError, TypeError):
-        raise ValueError(f"{file} has no {network} network") from None
-    return meta["model"], meta["model_config"], {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}

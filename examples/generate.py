@@ -5,8 +5,10 @@
         --wan-pipeline <Wan2.1-T2V-1.3B-Diffusers folder> --prompts "a cat surfing" --steps 4 --frames 81
 
 `--checkpoint` is a training run folder (its latest checkpoint), one training checkpoint (`.../iter_0000600`), a
-megatron-rcm model folder (e.g. `<run_dir>/ema`), or a diffusers / original Wan folder (HF-converted). From
-training checkpoints `--net` picks `ema` (default) or `student`. The tiny shapes model is recognised by its
+megatron-rcm model folder (e.g. `<run_dir>/ema`), a diffusers / original Wan folder (HF-converted), or a `.pt` /
+`.pth` file of the rCM reference implementation. From training checkpoints and reference files `--net` picks `ema`
+(default) or `student` (the reference's `net.*`); training checkpoints at any parallel layout are read on the CPU.
+Nothing is unpickled beyond tensors. The tiny shapes model is recognised by its
 architecture and uses the shapes text encoder and pixel space; Wan models need `--wan-pipeline` (text encoder,
 tokenizer, VAE).
 """
@@ -44,35 +46,43 @@ def parse_args(argv=None):
 
 
 def load_network(path: str, net: str, dtype: torch.dtype):
-    """(model, timestep_scale) from any supported checkpoint kind."""
+    """(model, timestep_scale) from any supported checkpoint kind; nothing is unpickled beyond tensors."""
+    from megatron_rcm.checkpoint.sharding import load_full_state_dict
     from megatron_rcm.models import from_pretrained
-    from megatron_rcm.models.loading import ARCHITECTURES, build_model, config_from_dict
-    from megatron_rcm.training import checkpointing
+    from megatron_rcm.models.loading import build_model, is_training_checkpoint, read_training_network
 
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        latest = checkpointing.latest(path)
-        if latest is None:
-            raise FileNotFoundError(f"{path} is a run folder without a complete checkpoint")
-        path = latest
-    meta_file = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_file):
-        model = from_pretrained(path, params_dtype=dtype)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--checkpoint {path} does not exist")
+    if not is_training_checkpoint(path):
+        # rCM reference files: `ema` takes net_ema.* when present, else net.* (released files hold the EMA there)
+        model = from_pretrained(path, params_dtype=dtype, network={"ema": None, "student": "net"}[net])
         return model.eval(), float(model.config.timestep_scale)
-    with open(meta_file) as f:
-        meta = json.load(f)
-    if meta["parallel"]["tensor_model_parallel_size"] != 1 or meta["parallel"]["pipeline_model_parallel_size"] != 1:
-        raise ValueError(f"{path} was written with model parallelism; use the run's exported ema/ folder instead")
-    arch = ARCHITECTURES[meta["model"]]
-    model = build_model(arch, config_from_dict(arch, meta["model_config"]), dtype, perform_initialization=False)
-    state = torch.load(os.path.join(path, "mp_rank_00_000_00.pt"), map_location="cpu", weights_only=False)
-    if net == "ema":
-        shadow = state["ema"]["shadow"]
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(shadow[name].to(p.dtype))
-    else:
-        model.load_state_dict(state["student"]["model"])
-    return model.eval(), float(meta.get("timestep_scale", model.config.timestep_scale))
+    found = read_training_network(path, net)
+    model = build_model(found.arch, found.config, dtype, perform_initialization=False)
+    load_full_state_dict(model, found.state_dict, f"the {net} network of {found.directory}")
+    return model.eval(), float(found.meta.get("timestep_scale", model.config.timestep_scale))
+
+
+def check_args(args) -> None:
+    """Every bad argument is one line before any work (exit status 2)."""
+    problems = []
+    if args.num_prompts < 1:
+        problems.append(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.prompts is not None and not [p for p in args.prompts if p.strip()]:
+        problems.append("--prompts needs at least one non-empty prompt")
+    if any(not 1 <= s <= len(args.mid_times) + 1 for s in args.steps):
+        problems.append(f"--steps must be in 1..{len(args.mid_times) + 1} (one more than --mid-times), got "
+                        f"{args.steps}")
+    if args.sigma_max <= 0:
+        problems.append(f"--sigma-max must be > 0, got {args.sigma_max}")
+    if any(not 0 < t < 1.5707963267948966 for t in args.mid_times) or args.mid_times != sorted(args.mid_times,
+                                                                                              reverse=True):
+        problems.append(f"--mid-times must be decreasing TrigFlow times in (0, pi/2), got {args.mid_times}")
+    for name in ("fps", "frames", "height", "width"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if problems:
+        sys.exit("error: " + "; ".join(problems))
 
 
 def write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
@@ -91,24 +101,31 @@ def write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
             container.mux(packet)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def write_grid(out_dir: str, rows: list[np.ndarray], steps: list[int], prompts: list[str]) -> str:
+    """The PNG grid: one row per step count (`rows[i]`: the middle frame of the `steps[i]`-step video grid, one
+    column per prompt). Returns its path."""
     from PIL import Image
 
+    path = os.path.join(out_dir, "grid.png")
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
     from megatron_rcm.data import shapes
     from megatron_rcm.diffusion import TrigFlowWrapper, student_sample
     from megatron_rcm.parallel import destroy_parallel, initialize_parallel
     from megatron_rcm.training.config import TINY_SHAPES_DATA, TINY_SHAPES_MODEL
     from megatron_rcm.training.evaluation import video_grid
 
-    if any(not 1 <= s <= len(args.mid_times) + 1 for s in args.steps):
-        sys.exit(f"error: --steps must be in 1..{len(args.mid_times) + 1}")
+    check_args(args)
     initialize_parallel()
     dtype = getattr(torch, args.dtype)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         model, scale = load_network(args.checkpoint, args.net, dtype)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     model = model.to(device)
     wrapper = TrigFlowWrapper(model, scale)
@@ -127,10 +144,13 @@ def main(argv=None):
         if not args.wan_pipeline or not args.prompts:
             sys.exit("error: a Wan model needs --wan-pipeline (text encoder, tokenizer, VAE) and --prompts")
         prompts = args.prompts
-        encoder = UMT5TextEncoder.from_pretrained(args.wan_pipeline, dtype=dtype, device=device)
+        try:
+            encoder = UMT5TextEncoder.from_pretrained(args.wan_pipeline, dtype=dtype, device=device)
+            vae = WanVAE.from_pretrained(args.wan_pipeline, dtype=dtype, device=device)
+            shape = vae.latent_shape(args.frames, args.height, args.width)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --wan-pipeline {args.wan_pipeline}: {str(e).strip().splitlines()[0]}")
         text = encoder(prompts).to(device)
-        vae = WanVAE.from_pretrained(args.wan_pipeline, dtype=dtype, device=device)
-        shape = vae.latent_shape(args.frames, args.height, args.width)
     os.makedirs(args.out, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     noise = torch.randn((len(prompts), *shape), generator=gen, dtype=torch.float64, device=device)
@@ -154,12 +174,12 @@ def main(argv=None):
         rows.append(grid[grid.shape[0] // 2])
         print(f"{n}-step: {len(prompts)} videos in {t_net:.3f} s ({t_net / len(prompts) * 1000:.1f} ms/video, "
               f"{t_all:.3f} s with decoding) -> {path}")
-    Image.fromarray(np.concatenate(rows, axis=0)).save(os.path.join(args.out, "grid.png"))
+    grid_path = write_grid(args.out, rows, args.steps, prompts)
     with open(os.path.join(args.out, "prompts.txt"), "w") as f:
         f.write("\n".join(prompts) + "\n")
     with open(os.path.join(args.out, "timings.json"), "w") as f:
         json.dump({"device": str(device), "steps": timings}, f, indent=2)
-    print(f"grid (middle frame; one row per step count {args.steps}) -> {os.path.join(args.out, 'grid.png')}")
+    print(f"grid (middle frame; one row per step count {args.steps}) -> {grid_path}")
     destroy_parallel()
 
 

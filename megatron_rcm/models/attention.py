@@ -9,7 +9,8 @@ All tensors are laid out ``[B, H, S, D]`` with arbitrary strides (the DiT passes
 * :func:`math_attention_jvp` — explicit math (no ``torch.func``), float64-capable; the CPU path and the
   test oracle.
 * :func:`merge_attention_partials` — exact merge of results over disjoint key/value blocks, for ring
-  context parallelism.
+  context parallelism; :func:`attention_with_lse` and :func:`attention_block_backward` — one key/value
+  block's forward with its log-sum-exp and its backward against the merged output (the ring's steps).
 
 ``lse`` is the natural-log log-sum-exp of the scaled scores per query row and ``mu = d lse`` its
 directional derivative; both float32 (float64 for float64 inputs), shape ``[B, H, Sq]``.
@@ -32,6 +33,8 @@ __all__ = [
     "math_attention",
     "math_attention_jvp",
     "merge_attention_partials",
+    "attention_with_lse",
+    "attention_block_backward",
     "attention_backend",
 ]
 
@@ -266,7 +269,8 @@ def merge_attention_partials(parts: list[AttentionJVPResult] | tuple[AttentionJV
         dLSE = sum_b w_b mu_b
         to   = sum_b w_b [to_b + (mu_b - dLSE) o_b]
 
-    (the second term is ``d w_b = w_b (mu_b - dLSE)``). A part whose keys were all masked
+    (the second term is ``d w_b = w_b (mu_b - dLSE)``). Parts of a plain pass carry ``to = mu = None``: then
+    only ``o`` and ``lse`` are merged (``(o, None, lse, None)`` comes back). A part whose keys were all masked
     (``lse_b = -inf``) gets weight 0. Accumulates in float32 (float64 for float64 statistics); returns
     ``o, to`` in the dtype of the first part's ``o``. Give it float32 parts (``out_dtype`` of
     :func:`attention_jvp`) and round once afterwards: bf16 parts would carry one rounding each.
@@ -275,6 +279,7 @@ def merge_attention_partials(parts: list[AttentionJVPResult] | tuple[AttentionJV
         raise ValueError("nothing to merge")
     if len(parts) == 1:
         return tuple(parts[0])
+    tangents = parts[0][1] is not None
     out_dtype = parts[0][0].dtype
     cdt = torch.float64 if parts[0][2].dtype == torch.float64 else torch.float32
     lses = torch.stack([p[2].to(cdt) for p in parts])
@@ -282,9 +287,14 @@ def merge_attention_partials(parts: list[AttentionJVPResult] | tuple[AttentionJV
     # Rows where every part is empty keep lse = -inf; give them zero weights instead of NaN.
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     weights = torch.exp(lses - safe_lse)
+    o = torch.zeros(parts[0][0].shape, dtype=cdt, device=parts[0][0].device)
+    if not tangents:
+        for (o_b, _, _, _), w in zip(parts, weights):
+            w_ = w.unsqueeze(-1)
+            o = o + w_ * torch.where(w_ > 0, o_b.to(cdt), 0.0)
+        return o.to(out_dtype), None, lse, None
     mus = torch.stack([torch.where(w > 0, p[3].to(cdt), torch.zeros_like(w)) for p, w in zip(parts, weights)])
     mu = (weights * mus).sum(dim=0)
-    o = torch.zeros(parts[0][0].shape, dtype=cdt, device=parts[0][0].device)
     to = torch.zeros_like(o)
     for (o_b, to_b, _, _), w, mu_b in zip(parts, weights, mus):
         w_ = w.unsqueeze(-1)
@@ -294,3 +304,67 @@ def merge_attention_partials(parts: list[AttentionJVPResult] | tuple[AttentionJV
         o = o + w_ * o_b
         to = to + w_ * (to_b + (mu_b - mu).unsqueeze(-1) * o_b)
     return o.to(out_dtype), to.to(out_dtype), lse, mu
+
+
+# --------------------------------------------------------------------------------------------------
+# One key/value block of ring attention: forward with the log-sum-exp, backward against merged statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def _flash_supports(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)`` of one key/value block, no autograd: ``o`` in float32 (float64 for float64 inputs) on the
+    math path, in the input dtype from SDPA's FLASH kernel (CUDA, half precision); ``lse`` float32/float64
+    ``[B, H, Sq]``."""
+    scale = _default_scale(q, scale)
+    with torch.no_grad():
+        if _flash_supports(q):
+            out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+            return out[0], out[1]
+        cdt = _compute_dtype(q.dtype)
+        kt, vc = k.to(cdt).transpose(-1, -2), v.to(cdt)
+        os_, lses = [], []
+        for q_chunk in q.split(_MATH_CHUNK_ROWS, dim=2):
+            s = torch.matmul(q_chunk.to(cdt), kt) * scale
+            lse = torch.logsumexp(s, dim=-1)
+            os_.append(torch.matmul(torch.exp(s - lse.unsqueeze(-1)), vc))
+            lses.append(lse)
+        return torch.cat(os_, dim=2), torch.cat(lses, dim=2)
+
+
+def attention_block_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                             lse: torch.Tensor, *, scale: float | None = None):
+    """Gradients ``(dq, dk, dv)`` of one key/value block's share of an attention whose output ``o`` and
+    log-sum-exp ``lse`` were merged over all blocks: with ``P = exp(scale q k^T - lse)`` and
+    ``D = rowsum(do * o)``, ``dS = P * (do v^T - D)``, ``dq = scale dS k``, ``dk = scale dS^T q``,
+    ``dv = P^T do``. Summed over the blocks these are the full attention's gradients. Returned in float32
+    (float64 for float64 inputs); SDPA's FLASH backward on CUDA in half precision."""
+    scale = _default_scale(q, scale)
+    with torch.no_grad():
+        if _flash_supports(q):
+            sq, sk = q.shape[2], k.shape[2]
+            empty = torch.empty(0, device=q.device, dtype=torch.int64)
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                do.to(q.dtype), q, k, v, o.to(q.dtype), lse.float(), empty, empty, sq, sk, 0.0, False, empty, empty,
+                scale=scale)
+            return tuple(g.float() for g in grads)
+        cdt = _compute_dtype(q.dtype)
+        kc, vc = k.to(cdt), v.to(cdt)
+        dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
+        dv = torch.zeros_like(dk)
+        dqs = []
+        rows = zip(q.split(_MATH_CHUNK_ROWS, dim=2), do.split(_MATH_CHUNK_ROWS, dim=2),
+                   o.split(_MATH_CHUNK_ROWS, dim=2), lse.split(_MATH_CHUNK_ROWS, dim=2))
+        for qc, doc, oc, lc in rows:
+            qc, doc = qc.to(cdt), doc.to(cdt)
+            p = torch.exp(torch.matmul(qc, kc.transpose(-1, -2)) * scale - lc.to(cdt).unsqueeze(-1))
+            d = (doc * oc.to(cdt)).sum(-1, keepdim=True)
+            ds = p * (torch.matmul(doc, vc.transpose(-1, -2)) - d)
+            dqs.append(scale * torch.matmul(ds, kc))
+            dk = dk + scale * torch.matmul(ds.transpose(-1, -2), qc)
+            dv = dv + torch.matmul(p.transpose(-1, -2), doc)
+        return torch.cat(dqs, dim=2), dk, dv

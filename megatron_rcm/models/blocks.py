@@ -18,6 +18,7 @@ from megatron_rcm.models import tangent as T
 from megatron_rcm.models.attention import attention, attention_jvp
 from megatron_rcm.models.fusion import chain, fused, switch
 from megatron_rcm.models.rope import apply_rope_half, apply_rope_interleaved
+from megatron_rcm.parallel import context as cp_context
 from megatron_rcm.parallel import state
 
 
@@ -99,6 +100,30 @@ def _attend(q, tq, k, tk, v, tv):
     tk = None if tk is None else _to_attention_layout(tk)
     tv = None if tv is None else _to_attention_layout(tv)
     o, to, _, _ = attention_jvp(q, k, v, tq, tk, tv)
+    return _from_attention_layout(o), _from_attention_layout(to)
+
+
+def _attend_context_parallel(q, tq, k, tk, v, tv, split):
+    """Self-attention of this CP rank's tokens over the whole sequence (parallel/context.py); q/k/v in
+    [S_local, B, H, D]; returns [S_local, B, H*D] outputs (and tangents)."""
+    if split.comm == "a2a":
+        parts = [q, k, v] if tq is None else [q, k, v, tq, tk, tv]
+        full = cp_context.seq_to_heads(torch.stack(parts, dim=2), split)  # [S_padded, B, n, H / CP, D]
+        n = split.tokens  # padded keys are dropped; padded queries attend to the real keys
+        q_, k_, v_ = full[:, :, 0], full[:n, :, 1], full[:n, :, 2]
+        if tq is None:
+            o, to = _attend(q_, None, k_, None, v_, None)
+            out = o.unflatten(-1, (q_.shape[2], -1))[:, :, None]
+        else:
+            o, to = _attend(q_, full[:, :, 3], k_, full[:n, :, 4], v_, full[:n, :, 5])
+            out = torch.stack([o, to], dim=2).unflatten(-1, (q_.shape[2], -1))
+        out = cp_context.heads_to_seq(out, split).flatten(3)  # [S_local, B, 1 or 2, H*D]
+        return out[:, :, 0], (None if tq is None else out[:, :, 1])
+    q, k, v = (_to_attention_layout(a) for a in (q, k, v))
+    if tq is None:
+        return _from_attention_layout(cp_context.ring_attention(q, k, v, split)), None
+    tq, tk, tv = (_to_attention_layout(a) for a in (tq, tk, tv))
+    o, to = cp_context.ring_attention_jvp(q, k, v, tq, tk, tv, split)
     return _from_attention_layout(o), _from_attention_layout(to)
 
 
@@ -251,9 +276,11 @@ class Attention(torch.nn.Module):
 
         return supported(y, cos, self.heads_per_rank, self.attn.head_dim, n_parts)
 
-    def forward(self, x, tx=None, rope=None, context=None, add_bias: bool = True):
+    def forward(self, x, tx=None, rope=None, context=None, add_bias: bool = True, cp=None):
         """x [s, b, h] (sequence-parallel shard or full); `rope` = (cos, sin) [S, 1, 1, D/2] tables for
-        interleaved-pair RoPE; `context` [L, b, context_dim] for cross-attention (it carries no tangent).
+        interleaved-pair RoPE; `context` [L, b, context_dim] for cross-attention (it carries no tangent);
+        `cp`: the context-parallel token split (`parallel.context.TokenSplit`) of self-attention's tokens,
+        None without context parallelism (cross-attention ignores it: its keys are local).
         Returns (out, out_tangent), or (out, out_tangent, bias) with `add_bias=False` for callers that fuse
         the output bias into what follows."""
         qn, kn = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
@@ -262,7 +289,10 @@ class Attention(torch.nn.Module):
             (k, tk), (v, tv) = self._project(self.linear_kv, context, None, 2, (kn,), None)
         else:
             (q, tq), (k, tk), (v, tv) = self._project(self.linear_qkv, x, tx, 3, (qn, kn), rope)
-        o, to = _attend(q, tq, k, tk, v, tv)
+        if cp is not None and not self.is_cross:
+            o, to = _attend_context_parallel(q, tq, k, tk, v, tv, cp)
+        else:
+            o, to = _attend(q, tq, k, tk, v, tv)
         y, ty, bias = T.parallel_linear_nobias(self.linear_proj, o, to)
         if add_bias:
             return (y if bias is None else y + bias), ty

@@ -1,7 +1,8 @@
 """Cosmos-Predict2 DiT (diffusers' `CosmosTransformer3DModel`) on megatron-core tensor-parallel layers.
 
 Shared with Wan (wan.py): the megatron layer config, the tangent rules (tangent.py), attention and its JVP
-(attention.py), the sinusoid, the sequence-parallel replication rule and the fused elementwise regions. What
+(attention.py), the sinusoid, the sequence-parallel replication rule, the fused elementwise regions and the run
+from patch tokens to the head (dit.py). What
 differs lives here; the attention and MLP are the shared blocks (blocks.py) in their bias-free, rotate-half-RoPE,
 per-head-norm and exact-GELU settings:
 
@@ -36,7 +37,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
 
 from megatron_rcm.models import tangent as T
 from megatron_rcm.models.blocks import (
@@ -46,12 +46,11 @@ from megatron_rcm.models.blocks import (
     gated_residual,
     gated_residual_modulated_norm,
     modulated_norm,
-    parallel_config,
     replicate_for_sequence_parallel,
     sinusoidal_embedding,
 )
+from megatron_rcm.models.dit import DiTModel
 from megatron_rcm.models.rope import rope_angles_ntk
-from megatron_rcm.parallel import state
 
 
 @dataclasses.dataclass
@@ -168,7 +167,7 @@ PRESETS: dict[str, CosmosConfig] = {
 
 
 # ---------------------------------------------------------------------------------------------------
-# Pieces the shared blocks do not have (candidates for blocks.py / tangent.py / rope.py)
+# Pieces the shared blocks do not have
 
 class AdaLNLoRA(torch.nn.Module):
     """Low-rank modulation: Linear(width -> rank) -> Linear(rank -> n x width) of SiLU(embedded timestep), + temb."""
@@ -239,12 +238,12 @@ class CosmosBlock(torch.nn.Module):
         self.adaln_mlp = AdaLNLoRA(h, r, 3, high_dtype)
         self.mlp = MLP(h, config.ffn_dim, cfg, bias=False, activation="gelu_erf")
 
-    def forward(self, x, tx, cond: "_Conditioning", rope, context, pos):
+    def forward(self, x, tx, cond: "_Conditioning", rope, context, cp=None):
         """Three branches x + gate * branch(LayerNorm(x) (1 + scale) + shift); each gated residual update is fused
-        with the next branch's norm."""
-        if pos is not None:
-            x = x + pos.to(x.dtype)
-        branches = ((self.adaln_self_attention, lambda n, tn: self.self_attention(n, tn, rope=rope)),
+        with the next branch's norm. `cp`: the context-parallel token split (None without CP)."""
+        if cond.pos is not None:
+            x = x + cond.pos.to(x.dtype)
+        branches = ((self.adaln_self_attention, lambda n, tn: self.self_attention(n, tn, rope=rope, cp=cp)),
                     (self.adaln_cross_attention, lambda n, tn: self.cross_attention(n, tn, context=context)),
                     (self.adaln_mlp, self.mlp))
         x, tx = cond.view(x), cond.view(tx)
@@ -282,6 +281,10 @@ class _Conditioning:
     tokens_per_frame: int = 1
     frame_of_token: torch.Tensor | None = None
     """Frame of each of this rank's tokens (per-frame timesteps, shard not frame-aligned)."""
+    pos: torch.Tensor | None = None
+    """The extra (learnable) position embedding of this rank's tokens [S_local, 1, h], or None."""
+    head: "_Conditioning | None" = None
+    """The same conditioning on the head's tokens (the whole CP chunk, not a sequence-parallel shard)."""
 
     def view(self, x):
         """[S, B, h] -> the layout the modulation broadcasts over."""
@@ -316,22 +319,20 @@ class _Conditioning:
         return list(zip(parts, tparts))
 
 
-class CosmosModel(torch.nn.Module):
-    """Cosmos-Predict2 DiT. `model(latents, timestep, text)` -> velocity; `model.jvp(...)` -> (velocity, tangent).
+class CosmosModel(DiTModel):
+    """Cosmos-Predict2 DiT. `model(latents, timestep, text)` -> velocity; `model.jvp(...)` -> (velocity, tangent);
+    `forward_tokens` / `jvp_tokens` on this rank's tokens under context parallelism (dit.py).
 
-    Built in the current megatron-core parallel layout (tensor-parallel size from `parallel_state`).
-    `params_dtype` is the dtype of the large layers; the time embedding, the adaLN modulations, the norms and the
-    head are kept in float32 (or in `params_dtype` when that is wider).
+    Built in the current megatron-core parallel layout (tensor- and context-parallel sizes from
+    `parallel_state`). `params_dtype` is the dtype of the large layers; the time embedding, the adaLN modulations,
+    the norms and the head are kept in float32 (or in `params_dtype` when that is wider). `cp_comm`: 'auto' |
+    'a2a' | 'ring', how self-attention crosses the context-parallel ranks.
     """
 
     def __init__(self, config: CosmosConfig, params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                 perform_initialization: bool = True):
-        super().__init__()
-        state.ensure_parallel()
-        self.config = config
-        self.cfg = parallel_config(params_dtype, sequence_parallel, perform_initialization)
-        self.sequence_parallel = self.cfg.sequence_parallel
-        self.high_dtype = high = torch.promote_types(params_dtype, torch.float32)
+                 perform_initialization: bool = True, cp_comm: str = "auto"):
+        super().__init__(config, params_dtype, sequence_parallel, perform_initialization, cp_comm)
+        high = self.high_dtype
         h = config.hidden_size
         self.patch_embedding = torch.nn.Linear(config.patch_in_channels * math.prod(config.patch_size), h, bias=False,
                                                dtype=params_dtype)
@@ -342,10 +343,9 @@ class CosmosModel(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(CosmosBlock(config, self.cfg, high) for _ in range(config.num_layers))
         self.head_adaln = AdaLNLoRA(h, config.adaln_lora_dim, 2, high)
         self.head = torch.nn.Linear(h, config.out_channels * math.prod(config.patch_size), bias=False, dtype=high)
-        self._rope_cache = {}
 
     # ----------------------------------------------------------------------------------------------
-    def _check_inputs(self, latents, timestep, text, condition_mask, padding_mask):
+    def _check_inputs(self, latents, timestep, text, condition_mask=None, padding_mask=None, fps=None):
         c = self.config
         if latents.dim() != 5:
             raise ValueError(f"latents must be [B, C, T, H, W], got {tuple(latents.shape)}")
@@ -377,118 +377,80 @@ class CosmosModel(torch.nn.Module):
         if padding_mask is not None and (padding_mask.dim() != 4 or padding_mask.shape[1] != 1
                                          or padding_mask.shape[0] not in (1, b)):
             raise ValueError(f"padding_mask must be [1 or B, 1, H, W], got {tuple(padding_mask.shape)}")
-        tokens = math.prod(grid)
-        tp = self.cfg.tensor_model_parallel_size
-        if self.sequence_parallel and tokens % tp:
-            raise ValueError(f"sequence parallelism needs the token count ({tokens}) divisible by TP={tp}")
         return grid
 
-    def _rope(self, grid, fps, device):
-        key = (grid, fps, device)
-        if key not in self._rope_cache:
-            c = self.config
-            ang = rope_angles_ntk(grid, c.attention_head_dim, c.rope_scale, fps, c.base_fps, device=device)
-            ang = ang.to(self.high_dtype)[:, None, None, :]
-            self._rope_cache = {key: (torch.cos(ang), torch.sin(ang))}
-        return self._rope_cache[key]
+    def _rope_angles(self, grid, device=None, fps=None):
+        c = self.config
+        return rope_angles_ntk(grid, c.attention_head_dim, c.rope_scale, fps, c.base_fps, device=device)
 
-    def _network_input(self, latents, tlatents, condition_mask, padding_mask):
-        """Concatenate the condition and padding masks (which carry no tangent) to the latents."""
-        b, _, f, hh, ww = latents.shape
-        extra = []
+    def _rope_kwargs(self, fps=None, **kw):
+        return {"fps": fps}
+
+    def _extra_tokens(self, shape, device, condition_mask=None, padding_mask=None, fps=None):
+        """The condition and padding masks (which carry no tangent), concatenated to the latents' channels."""
+        b, _, f, hh, ww = shape
+        extra = []  # masks are 0/1: float32 holds them exactly
         if condition_mask is not None:
-            extra.append(condition_mask.to(latents.dtype))
+            extra.append(condition_mask.to(device, torch.float32))
         if self.config.concat_padding_mask:
             if padding_mask is None:
-                pad = latents.new_zeros(b, 1, f, hh, ww)
+                pad = torch.zeros(b, 1, f, hh, ww, device=device)
             else:
                 # diffusers resizes the (pixel-resolution) mask to the latent size by nearest neighbour
-                pad = F.interpolate(padding_mask.to(latents.dtype), size=(hh, ww), mode="nearest")
+                pad = F.interpolate(padding_mask.to(device, torch.float32), size=(hh, ww), mode="nearest")
                 pad = pad.expand(b, -1, -1, -1).unsqueeze(2).expand(-1, -1, f, -1, -1)
             extra.append(pad)
-        if not extra:
-            return latents, tlatents
-        x = torch.cat([latents, *extra], dim=1)
-        if tlatents is None:
-            return x, None
-        return x, torch.cat([tlatents.to(latents.dtype), *(torch.zeros_like(e) for e in extra)], dim=1)
+        return torch.cat(extra, dim=1) if extra else None
 
-    def _patchify(self, x, grid):
-        """[B, C, T, H, W] -> [S, B, C*pt*ph*pw], features ordered (c, pt, ph, pw), tokens row-major (t, h, w)."""
-        b, ch = x.shape[:2]
-        pt, ph, pw = self.config.patch_size
-        x = x.reshape(b, ch, grid[0], pt, grid[1], ph, grid[2], pw).permute(2, 4, 6, 0, 1, 3, 5, 7)
-        return x.reshape(math.prod(grid), b, -1)
+    def _embed(self, tokens, ttokens):
+        return T.stacked(self.patch_embedding, tokens, ttokens, dim=0)
 
-    def _conditioning(self, act, tact, temb, ttemb, b, grid, per_frame: bool, local: bool) -> _Conditioning:
-        """How per-sample or per-frame conditioning lands on this rank's tokens (`local`: the sequence-parallel
-        shard, else the full sequence)."""
+    def _context(self, text, dtype):
+        return text.to(dtype).transpose(0, 1)  # [L, B, text_embed_dim]
+
+    def _token_conditioning(self, act, tact, temb, ttemb, b, grid, per_frame: bool, token_range) -> _Conditioning:
+        """How per-sample or per-frame conditioning lands on the tokens [start, start + n) of the padded
+        sequence (this rank's residual stream or CP chunk)."""
         cond = _Conditioning(act, tact, temb, ttemb, b, self.cfg)
         if not per_frame:
             return cond
         s, hw = math.prod(grid), grid[1] * grid[2]
-        start, n = 0, s
-        if local and self.sequence_parallel:
-            n = s // self.cfg.tensor_model_parallel_size
-            start = state.tp_rank() * n
-        if start % hw == 0 and n % hw == 0:
+        start, n = token_range
+        if start % hw == 0 and n % hw == 0 and start + n <= s:
             return dataclasses.replace(cond, frames=(start // hw, n // hw), tokens_per_frame=hw)
-        return dataclasses.replace(cond, frame_of_token=torch.arange(start, start + n, device=act.device) // hw)
+        # padded tokens (past the sequence) take the last frame's modulation: their outputs are dropped
+        frame = (torch.arange(start, start + n, device=act.device) // hw).clamp(max=grid[0] - 1)
+        return dataclasses.replace(cond, frame_of_token=frame)
 
-    def _run(self, latents, timestep, text, tlatents, ttimestep, condition_mask=None, padding_mask=None, fps=None):
-        c = self.config
-        grid = self._check_inputs(latents, timestep, text, condition_mask, padding_mask)
-        out_dtype = latents.dtype
-        dtype = self.patch_embedding.weight.dtype
-        b = latents.shape[0]
-
-        xin, txin = self._network_input(latents.to(dtype), None if tlatents is None else tlatents.to(dtype),
-                                        condition_mask, padding_mask)
-        x, tx = T.stacked(self.patch_embedding, self._patchify(xin, grid),
-                          None if txin is None else self._patchify(txin, grid), dim=1)  # [S, B, h]
-        if self.sequence_parallel:
-            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
-            tx = None if tx is None else tensor_parallel.scatter_to_sequence_parallel_region(tx)
-
+    def _conditioning(self, timestep, ttimestep, batch, grid, split, fps=None, **kw):
         (temb, ttemb), (emb, temb_) = self.time_embedding(timestep.flatten(),
                                                           None if ttimestep is None else ttimestep.flatten())
         act, tact = T.silu(emb, temb_)
         per_frame = timestep.dim() == 2
-        cond = self._conditioning(act, tact, temb, ttemb, b, grid, per_frame, local=True)
+        cond = self._token_conditioning(act, tact, temb, ttemb, batch, grid, per_frame, self._sp_range(split, True))
+        if self.config.extra_pos_embed_type == "learnable":
+            cond = dataclasses.replace(cond, pos=self.split_tokens(self.extra_pos_embedding(grid), split))
+        # the head's tokens: the whole CP chunk
+        head = self._token_conditioning(act, tact, temb, ttemb, batch, grid, per_frame, self._sp_range(split, False))
+        return dataclasses.replace(cond, head=head)
 
-        pos = None
-        if c.extra_pos_embed_type == "learnable":
-            pos = self.extra_pos_embedding(grid)
-            if self.sequence_parallel:
-                pos = tensor_parallel.scatter_to_sequence_parallel_region(pos)
-        context = text.to(dtype).transpose(0, 1)  # [L, B, text_embed_dim]
-        rope = self._rope(grid, fps, latents.device)
-        for block in self.blocks:
-            x, tx = block(x, tx, cond, rope, context, pos)
-
-        if self.sequence_parallel:
-            # the head runs replicated on the full sequence: its gradient must be split, not reduce-scattered
-            x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
-            tx = None if tx is None else tensor_parallel.gather_from_sequence_parallel_region(
-                tx, tensor_parallel_output_grad=False)
-        head_cond = self._conditioning(act, tact, temb, ttemb, b, grid, per_frame, local=False)
+    def _head(self, x, tx, cond: _Conditioning, split):
+        head_cond = cond.head
+        act, tact, temb, ttemb = cond.act, cond.tact, cond.temb, cond.ttemb
         e, te = self.head_adaln(act, tact, temb, ttemb)
         e, te = head_cond.to_tokens(e, False), head_cond.to_tokens(te, False)
         shift, scale = e.chunk(2, dim=-1)
         tshift, tscale = te.chunk(2, dim=-1) if te is not None else (None, None)
         # the head runs in high precision
-        n, tn = modulated_norm(head_cond.view(x), head_cond.view(tx), shift, tshift, scale, tscale, c.eps,
+        n, tn = modulated_norm(head_cond.view(x), head_cond.view(tx), shift, tshift, scale, tscale, self.config.eps,
                                self.high_dtype)
         n, tn = head_cond.unview(n), head_cond.unview(tn)
         y, ty = T.linear(self.head, n.transpose(0, 1), None if tn is None else tn.transpose(0, 1))  # [B, S, o]
-        return self._unpatchify(y, grid, out_dtype), (None if ty is None else self._unpatchify(ty, grid, out_dtype))
-
-    def _unpatchify(self, y, grid, dtype):
-        # diffusers orders the head's features (ph, pw, pt, c)
-        b = y.shape[0]
-        pt, ph, pw = self.config.patch_size
-        y = y.reshape(b, *grid, ph, pw, pt, -1).permute(0, 7, 1, 6, 2, 4, 3, 5)
-        return y.flatten(6, 7).flatten(4, 5).flatten(2, 3).to(dtype)
+        # diffusers orders the head's features (ph, pw, pt, c); patch tokens are (c, pt, ph, pw)
+        _, ph, pw = self.config.patch_size
+        to_tokens = lambda z: None if z is None else z.unflatten(-1, (ph, pw, -1, self.config.out_channels)).permute(
+            0, 1, 5, 4, 2, 3).flatten(2)
+        return to_tokens(y), to_tokens(ty)
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, latents, timestep, text, condition_mask=None, padding_mask=None, fps=None):
@@ -500,7 +462,8 @@ class CosmosModel(torch.nn.Module):
         in_channels = C + 1). padding_mask [1 or B, 1, H', W'] (resized to the latent size): default all zeros, as
         both Cosmos-Predict2 pipelines feed. fps: video frame rate for the temporal RoPE positions (None: images, or
         frames at base_fps)."""
-        return self._run(latents, timestep, text, None, None, condition_mask, padding_mask, fps)[0]
+        return self._run(latents, timestep, text, None, None, condition_mask=condition_mask, padding_mask=padding_mask,
+                         fps=fps)[0]
 
     def jvp(self, latents, timestep, text, latents_tangent=None, timestep_tangent=None, condition_mask=None,
             padding_mask=None, fps=None):
@@ -509,4 +472,4 @@ class CosmosModel(torch.nn.Module):
         with torch.no_grad():
             return self._run(latents, timestep, text,
                              *T.input_tangents(latents, timestep, latents_tangent, timestep_tangent),
-                             condition_mask, padding_mask, fps)
+                             condition_mask=condition_mask, padding_mask=padding_mask, fps=fps)

@@ -2,7 +2,8 @@
 
 What is Wan-specific lives here: the 6-way adaLN modulation from one shared time projection, q/k RMSNorm over
 all heads, the affine LayerNorm before cross-attention, RoPE on channel pairs, and the head's 2-way
-modulation from the time embedding. The blocks themselves are shared (blocks.py).
+modulation from the time embedding. The blocks themselves are shared (blocks.py), and so is the run from patch
+tokens to the head (dit.py).
 """
 
 import dataclasses
@@ -10,7 +11,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
 
 from megatron_rcm.models import tangent as T
 from megatron_rcm.models.blocks import (
@@ -22,12 +22,11 @@ from megatron_rcm.models.blocks import (
     gated_residual,
     gated_residual_affine_norm,
     modulated_norm,
-    parallel_config,
     replicate_for_sequence_parallel,
     residual_modulated_norm,
 )
+from megatron_rcm.models.dit import DiTModel
 from megatron_rcm.models.rope import rope_angles
-from megatron_rcm.parallel import state
 
 
 @dataclasses.dataclass
@@ -113,16 +112,17 @@ class WanBlock(torch.nn.Module):
         self.mlp = MLP(h, config.ffn_dim, cfg)
         self.modulation = torch.nn.Parameter(torch.randn(1, 6, h, dtype=high_dtype) / h**0.5)
 
-    def forward(self, x, tx, t_proj, tt_proj, rope, context):
-        """x [s, b, h]; t_proj [b, 6, h] (high precision) and its tangent; rope = (cos, sin)."""
-        e = replicate_for_sequence_parallel(self.modulation + t_proj, self.cfg)
+    def forward(self, x, tx, cond: "_WanConditioning", rope, context, cp=None):
+        """x [s, b, h]; `cond` holds the time projection [b, 6, h] (high precision) and its tangent; rope =
+        (cos, sin); `cp` the context-parallel token split (None without CP)."""
+        e = replicate_for_sequence_parallel(self.modulation + cond.t_proj, self.cfg)
         mods = [m[None] for m in e.unbind(1)]  # each [1, b, h]
-        tmods = [None] * 6 if tt_proj is None else [m[None] for m in tt_proj.unbind(1)]
+        tmods = [None] * 6 if cond.tt_proj is None else [m[None] for m in cond.tt_proj.unbind(1)]
         shift, scale, gate, c_shift, c_scale, c_gate = mods
         tshift, tscale, tgate, tc_shift, tc_scale, tc_gate = tmods
 
         n, tn = modulated_norm(x, tx, shift, tshift, scale, tscale, self.eps)
-        a, ta, bias = self.self_attention(n, tn, rope=rope, add_bias=False)
+        a, ta, bias = self.self_attention(n, tn, rope=rope, add_bias=False, cp=cp)
         # each residual update is fused with the norm that reads its result
         w = replicate_for_sequence_parallel(self.cross_attention_norm.weight, self.cfg)
         b = replicate_for_sequence_parallel(self.cross_attention_norm.bias, self.cfg)
@@ -133,22 +133,30 @@ class WanBlock(torch.nn.Module):
         return gated_residual(x, tx, f, tf, bias, c_gate, tc_gate)
 
 
-class WanModel(torch.nn.Module):
-    """Wan2.1 DiT. `model(latents, timestep, text)` -> velocity; `model.jvp(...)` -> (velocity, tangent).
+@dataclasses.dataclass
+class _WanConditioning:
+    """Time conditioning of one pass: the embedding (head) and the 6-way projection (blocks), with tangents."""
 
-    Built in the current megatron-core parallel layout (tensor-parallel size from `parallel_state`).
-    `params_dtype` is the dtype of the large layers; the time embedding, modulation tables, norms and head
-    are kept in float32 (or in `params_dtype` when that is wider).
+    temb: torch.Tensor
+    ttemb: torch.Tensor | None
+    t_proj: torch.Tensor
+    tt_proj: torch.Tensor | None
+
+
+class WanModel(DiTModel):
+    """Wan2.1 DiT. `model(latents, timestep, text)` -> velocity; `model.jvp(...)` -> (velocity, tangent);
+    `forward_tokens` / `jvp_tokens` on this rank's tokens under context parallelism (dit.py).
+
+    Built in the current megatron-core parallel layout (tensor- and context-parallel sizes from
+    `parallel_state`). `params_dtype` is the dtype of the large layers; the time embedding, modulation tables,
+    norms and head are kept in float32 (or in `params_dtype` when that is wider). `cp_comm`: 'auto' | 'a2a' |
+    'ring', how self-attention crosses the context-parallel ranks.
     """
 
     def __init__(self, config: WanConfig, params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                 perform_initialization: bool = True):
-        super().__init__()
-        state.ensure_parallel()
-        self.config = config
-        self.cfg = parallel_config(params_dtype, sequence_parallel, perform_initialization)
-        self.sequence_parallel = self.cfg.sequence_parallel
-        self.high_dtype = high = torch.promote_types(params_dtype, torch.float32)
+                 perform_initialization: bool = True, cp_comm: str = "auto"):
+        super().__init__(config, params_dtype, sequence_parallel, perform_initialization, cp_comm)
+        high = self.high_dtype
         h = config.hidden_size
         self.patch_embedding = torch.nn.Conv3d(config.in_channels, h, config.patch_size, config.patch_size,
                                                dtype=params_dtype)
@@ -158,10 +166,9 @@ class WanModel(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(WanBlock(config, self.cfg, high) for _ in range(config.num_layers))
         self.head = torch.nn.Linear(h, config.out_channels * math.prod(config.patch_size), dtype=high)
         self.head_modulation = torch.nn.Parameter(torch.randn(1, 2, h, dtype=high) / h**0.5)
-        self._rope_cache = {}
 
     # ----------------------------------------------------------------------------------------------
-    def _check_inputs(self, latents, timestep, text):
+    def _check_inputs(self, latents, timestep, text, **kw):
         c = self.config
         if latents.dim() != 5 or latents.shape[1] != c.in_channels:
             raise ValueError(f"latents must be [B, {c.in_channels}, T, H, W], got {tuple(latents.shape)}")
@@ -173,67 +180,40 @@ class WanModel(torch.nn.Module):
             raise ValueError(f"timestep must be [B={b}], got {tuple(timestep.shape)}")
         if text.dim() != 3 or text.shape[0] != b or text.shape[2] != c.text_dim:
             raise ValueError(f"text must be [B={b}, L, {c.text_dim}], got {tuple(text.shape)}")
-        tokens = math.prod(s // p for s, p in zip(latents.shape[2:], c.patch_size))
-        tp = self.cfg.tensor_model_parallel_size
-        if self.sequence_parallel and tokens % tp:
-            raise ValueError(f"sequence parallelism needs the token count ({tokens}) divisible by TP={tp}")
+        return tuple(s // p for s, p in zip(latents.shape[2:], c.patch_size))
 
-    def _rope(self, grid, device):
-        key = (grid, device)
-        if key not in self._rope_cache:
-            ang = rope_angles(grid, self.config.attention_head_dim, self.config.rope_theta, device=device)
-            ang = ang.to(self.high_dtype)[:, None, None, :]
-            self._rope_cache = {key: (torch.cos(ang), torch.sin(ang))}
-        return self._rope_cache[key]
+    def _embed(self, tokens, ttokens):
+        # the Conv3d with stride = kernel is one GEMM over patch tokens, features (c, pt, ph, pw) as its weight
+        w = self.patch_embedding.weight.flatten(1)
+        x, tx = T.stacked(lambda z: F.linear(z, w), tokens, ttokens, dim=0)
+        return x + self.patch_embedding.bias, tx
 
-    def _run(self, latents, timestep, text, tlatents, ttimestep):
-        c = self.config
-        self._check_inputs(latents, timestep, text)
-        out_dtype = latents.dtype
-        dtype = self.patch_embedding.weight.dtype
-        b, _, f, hh, ww = latents.shape
-        grid = (f // c.patch_size[0], hh // c.patch_size[1], ww // c.patch_size[2])
-
-        x, tx = T.stacked(lambda z: F.conv3d(z, self.patch_embedding.weight, None, c.patch_size),
-                          latents.to(dtype), None if tlatents is None else tlatents.to(dtype), dim=0)
-        x = x + self.patch_embedding.bias.view(1, -1, 1, 1, 1)
-        to_seq = lambda z: None if z is None else z.flatten(2).permute(2, 0, 1).contiguous()  # [S, B, h]
-        x, tx = to_seq(x), to_seq(tx)
-        if self.sequence_parallel:
-            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
-            tx = None if tx is None else tensor_parallel.scatter_to_sequence_parallel_region(tx)
-
+    def _conditioning(self, timestep, ttimestep, batch, grid, split, **kw):
         temb, ttemb = self.time_embedding(timestep, ttimestep)
         a, ta = T.silu(temb, ttemb)
         t_proj, tt_proj = T.linear(self.time_projection, a, ta)
-        t_proj = t_proj.unflatten(1, (6, -1))
-        tt_proj = None if tt_proj is None else tt_proj.unflatten(1, (6, -1))
+        return _WanConditioning(temb, ttemb, t_proj.unflatten(1, (6, -1)),
+                                None if tt_proj is None else tt_proj.unflatten(1, (6, -1)))
 
-        context = self.text_embedding(text).to(dtype).transpose(0, 1)  # [L, B, h]
-        rope = self._rope(grid, latents.device)
-        for block in self.blocks:
-            x, tx = block(x, tx, t_proj, tt_proj, rope, context)
+    def _context(self, text, dtype):
+        return self.text_embedding(text).to(dtype).transpose(0, 1)  # [L, B, h]
 
-        if self.sequence_parallel:
-            # the head runs replicated on the full sequence: its gradient must be split, not reduce-scattered
-            x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
-            tx = None if tx is None else tensor_parallel.gather_from_sequence_parallel_region(
-                tx, tensor_parallel_output_grad=False)
-        e = self.head_modulation + temb[:, None]  # [B, 2, h]
+    def _rope_angles(self, grid, device=None, **kw):
+        return rope_angles(grid, self.config.attention_head_dim, self.config.rope_theta, device=device)
+
+    def _head(self, x, tx, cond: _WanConditioning, split):
+        e = self.head_modulation + cond.temb[:, None]  # [B, 2, h]
         shift, scale = e[:, 0][None], e[:, 1][None]
         tshift = tscale = None
-        if ttemb is not None:
-            tshift, tscale = ttemb[None], ttemb[None]
+        if cond.ttemb is not None:
+            tshift, tscale = cond.ttemb[None], cond.ttemb[None]
         # the head runs in high precision
-        n, tn = modulated_norm(x, tx, shift, tshift, scale, tscale, c.eps, self.high_dtype)
+        n, tn = modulated_norm(x, tx, shift, tshift, scale, tscale, self.config.eps, self.high_dtype)
         y, ty = T.linear(self.head, n.transpose(0, 1), None if tn is None else tn.transpose(0, 1))  # [B, S, o]
-        return self._unpatchify(y, grid, out_dtype), (None if ty is None else self._unpatchify(ty, grid, out_dtype))
-
-    def _unpatchify(self, y, grid, dtype):
-        b = y.shape[0]
-        pt, ph, pw = self.config.patch_size
-        y = y.reshape(b, *grid, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return y.flatten(6, 7).flatten(4, 5).flatten(2, 3).to(dtype)
+        # the head's features are ordered (pt, ph, pw, c); patch tokens (c, pt, ph, pw)
+        to_tokens = lambda z: None if z is None else z.unflatten(-1, (-1, self.config.out_channels)).transpose(
+            -1, -2).flatten(-2)
+        return to_tokens(y), to_tokens(ty)
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, latents, timestep, text):

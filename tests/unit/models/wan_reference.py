@@ -7,9 +7,10 @@ from megatron_rcm.checkpoint import wan as wan_keys
 from megatron_rcm.models.wan import PRESETS
 
 
-def diffusers_wan(preset: str = "wan-tiny", seed: int = 0, dtype=torch.float32) -> WanTransformer3DModel:
-    """A diffusers Wan model with every parameter randomised (default init leaves norms at 1 and biases small)."""
-    cfg = PRESETS[preset]
+def diffusers_wan(preset="wan-tiny", seed: int = 0, dtype=torch.float32) -> WanTransformer3DModel:
+    """A diffusers Wan model (preset name or WanConfig) with every parameter randomised (default init leaves norms
+    at 1 and biases small)."""
+    cfg = PRESETS[preset] if isinstance(preset, str) else preset
     torch.manual_seed(seed)
     model = WanTransformer3DModel(**{k: v for k, v in cfg.to_diffusers().items() if k != "_class_name"})
     with torch.no_grad():

@@ -7,7 +7,10 @@ precision (share of samples within 3 std of a mode), k-NN precision/recall (Kynk
 modes covered, per-mode weight error (total variation between the sampled and true mode weights) and
 sliced Wasserstein-2 to the data, next to the teacher's multi-step samplers.
 
-    python tools/toy_rcm.py --out toy_rcm.json
+    python tools/toy_rcm.py --out toy_rcm.json              # 3 seeds, mean +- std in "summary"
+
+The output JSON is a function of the arguments (same machine and thread count): every draw, the networks' initial
+weights included, comes from generators seeded by `--seed`; wall-clock timings go to stderr.
 """
 
 import argparse
@@ -87,7 +90,10 @@ class ToyVelocity(nn.Module):
 
 
 def train_teacher(iters: int, batch: int, generator: torch.Generator) -> ToyVelocity:
-    net = ToyVelocity()
+    # the initial weights come from `generator` as well (torch's global RNG would make runs differ)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        net = ToyVelocity()
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=iters, pct_start=0.05)
     for _ in range(iters):
@@ -223,28 +229,10 @@ def evaluate_student(net, n: int, data: torch.Tensor, config: RCMConfig, seed: i
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher-iters", type=int, default=3000)
-    parser.add_argument("--student-steps", type=int, default=1000, help="student updates per distillation run")
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--critic-lr", type=float, default=3e-4)
-    parser.add_argument("--warmup", type=int, default=200, help="tangent warm-up iterations")
-    parser.add_argument("--student-update-freq", type=int, default=5)
-    parser.add_argument("--methods", nargs="+", default=["teacher", "scm", "dmd", "rcm"], choices=["teacher", "scm", "dmd", "rcm"])
-    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="rCM lambda (dmd_weight) values to run (a small sweep)")
-    parser.add_argument("--dmd-weight", type=float, default=1.0, help="weight of the pure-DMD run (scale-free)")
-    parser.add_argument("--eval-samples", type=int, default=20000)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=str, default=None)
-    args = parser.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    gen = torch.Generator().manual_seed(args.seed)
-    data = sample_data(args.eval_samples, torch.Generator().manual_seed(args.seed + 99)).double()
+def run_seed(args, seed: int) -> tuple[dict, dict]:
+    """Teacher and every student of one seed, scored against data drawn with that seed: (results, timings)."""
+    gen = torch.Generator().manual_seed(seed)
+    data = sample_data(args.eval_samples, torch.Generator().manual_seed(seed + 99)).double()
     base = dict(
         timestep_scale=TIMESTEP_SCALE,
         guidance=1.0,  # unconditional toy: no CFG
@@ -252,30 +240,20 @@ def main(argv=None):
         p_std=1.6,
         tangent_warmup=args.warmup,
         student_update_freq=args.student_update_freq,
+        dmd_weight_mode=args.dmd_weight_mode,
     )
-    result = {
-        "command": " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"CPU ({platform.processor() or platform.machine()}), torch threads {args.threads}",
-        "torch": torch.__version__,
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
-        "args": vars(args),
-        "data": {"modes": NUM_MODES, "radius": RADIUS, "mode_std": MODE_STD, "weights": [round(w, 4) for w in WEIGHTS.tolist()]},
-        "reference_data_vs_data": metrics(sample_data(args.eval_samples, torch.Generator().manual_seed(7)), data),
-    }
-
     t0 = time.perf_counter()
     teacher_net = train_teacher(args.teacher_iters, args.batch, gen)
     timings = {"teacher_train_s": round(time.perf_counter() - t0, 1)}
-    teacher = TrigFlowWrapper(teacher_net, TIMESTEP_SCALE)
+    result = {}
     if "teacher" in args.methods:
-        noise = torch.randn(args.eval_samples, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        teacher = TrigFlowWrapper(teacher_net, TIMESTEP_SCALE)
+        noise = torch.randn(args.eval_samples, 2, generator=torch.Generator().manual_seed(seed + 5), dtype=torch.float64)
         result["teacher"] = {
             "euler-100": metrics(teacher_sample(teacher, noise, None, 100, "euler"), data),
             "unipc-16": metrics(teacher_sample(teacher, noise, None, 16, "unipc"), data),
             "unipc-4": metrics(teacher_sample(teacher, noise, None, 4, "unipc"), data),
         }
-
     runs = {}
     if "scm" in args.methods:
         runs["sCM"] = RCMConfig(scm_weight=1.0, dmd_weight=0.0, **base)
@@ -287,23 +265,107 @@ def main(argv=None):
     result["students"] = {}
     for i, (name, config) in enumerate(runs.items()):
         t0 = time.perf_counter()
-        net, iters = distill(teacher_net, config, args.student_steps, args.batch, args.lr, args.critic_lr, args.seed + 1 + i)
-        train_s = time.perf_counter() - t0
+        net, iters = distill(teacher_net, config, args.student_steps, args.batch, args.lr, args.critic_lr, seed + 1 + i)
+        timings[f"{name}_s"] = round(time.perf_counter() - t0, 1)
         result["students"][name] = {
-            "config": {k: v for k, v in asdict(config).items() if k in ("scm_weight", "dmd_weight", "tangent_warmup", "student_update_freq")},
+            "config": {k: v for k, v in asdict(config).items()
+                       if k in ("scm_weight", "dmd_weight", "dmd_weight_mode", "tangent_warmup", "student_update_freq")},
             "iterations": iters,
-            "train_s": round(train_s, 1),
-            **evaluate_student(net, args.eval_samples, data, config, seed=args.seed + 11),
+            **evaluate_student(net, args.eval_samples, data, config, seed=seed + 11),
         }
-        print(f"{name}: {iters} iterations in {train_s:.1f}s", file=sys.stderr)
+        print(f"seed {seed} {name}: {iters} iterations in {timings[f'{name}_s']:.1f}s", file=sys.stderr)
+    return result, timings
+
+
+SUMMARY_KEYS = ("precision", "knn_precision", "knn_recall", "modes_covered", "mode_weight_tv", "min_mode_weight_ratio", "sw2")
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """Mean and (population) standard deviation over seeds of every sampler's metrics: {"mean": .., "std": ..}."""
+
+    def stats(values):
+        x = torch.tensor(values, dtype=torch.float64)
+        return {"mean": round(x.mean().item(), 4), "std": round(x.std(unbiased=False).item(), 4)}
+
+    def over_seeds(get):
+        return {m: stats([get(r)[m] for r in per_seed]) for m in SUMMARY_KEYS}
+
+    first, out = per_seed[0], {}
+    if "teacher" in first:
+        out["teacher"] = {k: over_seeds(lambda r, k=k: r["teacher"][k]) for k in first["teacher"]}
+    out["students"] = {
+        name: {k: over_seeds(lambda r, name=name, k=k: r["students"][name][k]) for k in entry if k.endswith("-step")}
+        for name, entry in first["students"].items()
+    }
+    return out
+
+
+def _without_out(argv: list[str]) -> list[str]:
+    """The command line without `--out PATH` (where the JSON goes is not part of the result)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher-iters", type=int, default=2000)
+    parser.add_argument("--student-steps", type=int, default=800, help="student updates per distillation run")
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--critic-lr", type=float, default=3e-4)
+    parser.add_argument("--warmup", type=int, default=200, help="tangent warm-up iterations")
+    parser.add_argument("--student-update-freq", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", default=["teacher", "scm", "dmd", "rcm"], choices=["teacher", "scm", "dmd", "rcm"])
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01],
+                        help="rCM lambda (dmd_weight) values; default: the paper's 0.01, read as --dmd-weight-mode says")
+    parser.add_argument("--dmd-weight-mode", default="per_sample", choices=["per_sample", "paper"],
+                        help="rcm.dmd_weight_mode: per_sample (the default everywhere: lambda means at 2 elements what it means "
+                             "at Wan's 2.1M) or paper (the reference's per-element scale)")
+    parser.add_argument("--dmd-weight", type=float, default=0.01, help="weight of the pure-DMD run")
+    parser.add_argument("--eval-samples", type=int, default=10000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds seed, seed + 1, ...: teacher and students per seed")
+    parser.add_argument("--out", type=str, default=None, help="JSON of the results (identical for identical arguments)")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    data = sample_data(args.eval_samples, torch.Generator().manual_seed(args.seed + 99)).double()
+    result = {
+        "command": " ".join(["tools/toy_rcm.py", *_without_out(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"CPU ({platform.processor() or platform.machine()}), torch threads {args.threads}",
+        "torch": torch.__version__,
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "data": {"modes": NUM_MODES, "radius": RADIUS, "mode_std": MODE_STD, "weights": [round(w, 4) for w in WEIGHTS.tolist()]},
+        "reference_data_vs_data": metrics(sample_data(args.eval_samples, torch.Generator().manual_seed(7)), data),
+    }
+    per_seed, timings = [], {}
+    for seed in range(args.seed, args.seed + args.seeds):
+        r, timings[f"seed {seed}"] = run_seed(args, seed)
+        per_seed.append(r)
+    result["seeds"] = {str(s): r for s, r in zip(range(args.seed, args.seed + args.seeds), per_seed)}
+    result["summary"] = summarize(per_seed)
+    # wall-clock numbers go to stderr only, so that the JSON is a function of the arguments
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
-    timings["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
-    result["timings"] = timings
+    timings["loadavg_1min"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+    print(json.dumps({"timings": timings}), file=sys.stderr)
     text = json.dumps(result, indent=1)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     print(text)
+    return result
 
 
 if __name__ == "__main__":

@@ -74,20 +74,28 @@ def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, r0: float, c0: f
     raise ValueError(shape)
 
 
-def render(color: str, shape: str, direction: str, rng: np.random.RandomState, cfg: ShapesConfig) -> np.ndarray:
-    """One video `[3, frames, size, size]` float32 in [-1, 1]; the start position is drawn from `rng`."""
+def start_position(direction: str, rng: np.random.RandomState, cfg: ShapesConfig) -> tuple[int, int]:
+    """(row, column) of the shape's centre in the first frame, drawn from `rng`: along the motion the shape must
+    stay inside for the whole clip, across it anywhere inside."""
     r, n, travel = cfg.radius, cfg.size, cfg.speed * (cfg.frames - 1)
     if 2 * r + 1 + travel > n:
         raise ValueError(f"a shape of radius {r} moving {travel} pixels does not fit in {n} pixels")
     d_row, d_col = DIRECTIONS[direction]
-    # along the motion the shape must stay inside for the whole clip; across it anywhere inside
+
     def start(d):
         if d > 0:
             return rng.randint(r, n - r - travel)
         if d < 0:
             return rng.randint(r + travel, n - r)
         return rng.randint(r, n - r)
-    row0, col0 = start(d_row), start(d_col)
+    row0 = start(d_row)
+    return row0, start(d_col)
+
+
+def render_at(color: str, shape: str, direction: str, row0: int, col0: int, cfg: ShapesConfig) -> np.ndarray:
+    """One video `[3, frames, size, size]` float32 in [-1, 1] with the shape starting at (row0, col0)."""
+    n, r = cfg.size, cfg.radius
+    d_row, d_col = DIRECTIONS[direction]
     rows, cols = np.mgrid[0:n, 0:n].astype(np.float32)
     rgb = np.asarray(COLORS[color], dtype=np.float32)[:, None, None]
     video = np.zeros((3, cfg.frames, n, n), dtype=np.float32)
@@ -97,12 +105,18 @@ def render(color: str, shape: str, direction: str, rng: np.random.RandomState, c
     return video
 
 
+def render(color: str, shape: str, direction: str, rng: np.random.RandomState, cfg: ShapesConfig) -> np.ndarray:
+    """One video `[3, frames, size, size]` float32 in [-1, 1]; the start position is drawn from `rng`."""
+    return render_at(color, shape, direction, *start_position(direction, rng, cfg), cfg)
+
+
 class ShapesDataset:
     """Sample `index` of the stream with seed `seed`: a uniformly drawn prompt and start position."""
 
     def __init__(self, config: ShapesConfig | None = None, seed: int = 0):
         self.config = config or ShapesConfig()
         self.seed = int(seed)
+        self._videos: dict[tuple, np.ndarray] = {}
 
     def attributes(self, index: int) -> tuple[str, str, str]:
         return PROMPTS[self._rng(index).randint(len(PROMPTS))]
@@ -114,7 +128,13 @@ class ShapesDataset:
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
         rng = self._rng(index)
         color, shape, direction = PROMPTS[rng.randint(len(PROMPTS))]
-        return render(color, shape, direction, rng, self.config), caption(color, shape, direction)
+        key = (color, shape, direction, *start_position(direction, rng, self.config))
+        # there are only a few thousand distinct videos (48 prompts x start positions): render each once
+        video = self._videos.get(key)
+        if video is None:
+            video = self._videos[key] = render_at(*key, self.config)
+            video.flags.writeable = False  # shared by every index that draws this video
+        return video, caption(color, shape, direction)
 
     def batch(self, indices) -> tuple[torch.Tensor, list[str]]:
         """(videos `[B, 3, T, H, W]` float32, captions)."""
@@ -222,6 +242,18 @@ def feature_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + ((s_a - s_b) ** 2).sum())
 
 
+def feature_spread(feats: torch.Tensor, captions: list[str]) -> float:
+    """Mean pairwise L2 distance between the features `[N, D]` of samples that share a caption (different noise),
+    averaged over captions with at least two samples: the sample diversity per prompt (0 = mode collapse)."""
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(captions):
+        groups.setdefault(c, []).append(i)
+    per_prompt = [torch.pdist(feats[idx].double()).mean() for idx in groups.values() if len(idx) > 1]
+    if not per_prompt:
+        raise ValueError("feature_spread needs at least one caption with two or more samples")
+    return float(torch.stack(per_prompt).mean())
+
+
 def eval_prompts(n: int) -> list[str]:
     """`n` captions cycling through all prompts in a fixed order."""
     return [caption(*PROMPTS[(i * 7) % len(PROMPTS)]) for i in range(n)]
@@ -229,4 +261,4 @@ def eval_prompts(n: int) -> list[str]:
 
 __all__ = ["ATTRIBUTES", "COLORS", "DIRECTIONS", "PROMPTS", "SHAPES", "ShapesClassifier", "ShapesConfig",
            "ShapesDataset", "ShapesTextEncoder", "alignment_score", "caption", "eval_prompts", "feature_distance",
-           "features", "parse_caption", "render", "train_classifier"]
+           "feature_spread", "features", "parse_caption", "render", "render_at", "start_position", "train_classifier"]

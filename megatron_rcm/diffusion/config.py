@@ -18,10 +18,20 @@ class RCMConfig:
     """Weight of the sCM consistency loss. 0 turns sCM off (pure DMD)."""
 
     dmd_weight: float = 0.01
-    """Weight lambda of the score-distillation (DMD) regularizer, relative to `scm_weight`. 0 turns the regularizer
-    and the critic off (pure sCM). The DMD gradient is normalised per element while the sCM target is normalised per
-    sample, so the useful value scales with the number of latent elements: 0.01 at Wan's ~2M elements is strong;
-    small problems need a larger value (sweep it)."""
+    """Weight lambda of the score-distillation (DMD) regularizer, relative to `scm_weight` (paper: 0.01). 0 turns the
+    regularizer and the critic off (pure sCM). How it is read depends on `dmd_weight_mode`."""
+
+    dmd_weight_mode: Literal["per_sample", "paper"] = "per_sample"
+    """'paper': lambda multiplies the DMD loss as in the reference code. Its gradient is normalised per element
+    (O(1) per element, L2 norm ~ sqrt(N) for N latent elements per sample) while the sCM target is normalised per
+    sample (L2 norm ~ 1), so one lambda pulls ~sqrt(N) times harder at N elements: 0.01 at Wan's 2.1M elements is
+    ~1000x stronger than on a 2-D toy. 'per_sample': the DMD gradient is multiplied by
+    sqrt(dmd_reference_numel / N), so the same lambda means the same balance of the two terms at every size and
+    equals 'paper' at `dmd_reference_numel` elements (Wan 480p)."""
+
+    dmd_reference_numel: int = 16 * 21 * 60 * 104
+    """Latent elements per sample at which 'per_sample' equals 'paper': Wan2.1 480p x 81 frames (16 x 21 x 60 x 104,
+    the size the paper's lambda = 0.01 was tuned at)."""
 
     critic_weight: float = 1.0
     """Weight of the critic's (fake score's) flow-matching loss."""
@@ -80,6 +90,10 @@ class RCMConfig:
     def __post_init__(self):
         if self.scm_weight < 0 or self.dmd_weight < 0 or (self.scm_weight == 0 and self.dmd_weight == 0):
             raise ValueError("need scm_weight >= 0, dmd_weight >= 0 and at least one of them > 0")
+        if self.dmd_weight_mode not in ("per_sample", "paper"):
+            raise ValueError(f"dmd_weight_mode must be 'per_sample' or 'paper', got {self.dmd_weight_mode!r}")
+        if self.dmd_reference_numel < 1:
+            raise ValueError("dmd_reference_numel must be >= 1")
         if self.rollout_steps_sampling not in ("cyclic", "uniform"):
             raise ValueError(f"rollout_steps_sampling must be 'cyclic' or 'uniform', got {self.rollout_steps_sampling}")
         if self.max_rollout_steps < 1 or self.student_update_freq < 1 or self.tangent_warmup < 0:
@@ -87,6 +101,13 @@ class RCMConfig:
         if self.max_rollout_steps > len(self.student_mid_times) + 1:
             raise ValueError("student_mid_times needs max_rollout_steps - 1 entries")
         self.student_mid_times = tuple(float(t) for t in self.student_mid_times)
+
+    def dmd_gradient_scale(self, numel):
+        """Factor on the DMD gradient for samples of `numel` latent elements (a number or a `[B]` tensor; 1 in
+        'paper' mode)."""
+        if self.dmd_weight_mode == "paper":
+            return 1.0
+        return (self.dmd_reference_numel / numel) ** 0.5
 
     @property
     def uses_dmd(self) -> bool:

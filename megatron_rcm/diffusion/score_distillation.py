@@ -65,7 +65,8 @@ class DMDGradient:
     """No-grad part of the regularizer (float64)."""
 
     grad: torch.Tensor
-    """(x0_critic - x0_teacher) / mean|x0_student - x0_teacher|; zero on masked samples."""
+    """(x0_critic - x0_teacher) / mean|x0_student - x0_teacher|, times `RCMConfig.dmd_gradient_scale`; zero on masked
+    samples."""
     t: torch.Tensor
     x_t: torch.Tensor
     x0_teacher: torch.Tensor
@@ -95,8 +96,9 @@ def dmd_gradient(
     x_t = trigflow_noise(x0_student, _noise(x0_student, generator, noise_fn), t)
     x0_critic = critic(x_t, t, text).x0
     x0_teacher = teacher.guided(x_t, t, text, neg_text, config.guidance).x0
-    scale = per_sample_sum((x0_student - x0_teacher).abs(), sum_fn) / per_sample_numel(x0_student, sum_fn)
-    scale = scale.clamp(min=config.dmd_norm_clip)
+    numel = per_sample_numel(x0_student, sum_fn)
+    scale = per_sample_sum((x0_student - x0_teacher).abs(), sum_fn) / numel
+    scale = scale.clamp(min=config.dmd_norm_clip) / config.dmd_gradient_scale(numel)
     grad = (x0_critic - x0_teacher) / expand_as_sample(scale, x0_student)
     valid = ~per_sample_nonfinite(grad, sum_fn)
     grad = torch.where(expand_as_sample(valid, grad), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))

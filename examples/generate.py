@@ -64,7 +64,7 @@ def load_network(path: str, net: str, dtype: torch.dtype):
 
 
 def check_args(args) -> None:
-    """Every bad argument is one line before any work (exit status 2)."""
+    """Every bad argument is one line before any work (a non-zero exit)."""
     problems = []
     if args.num_prompts < 1:
         problems.append(f"--num-prompts must be >= 1, got {args.num_prompts}")

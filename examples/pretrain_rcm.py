@@ -31,6 +31,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from megatron_rcm.training.console import quiet  # first: library notices once, as one line of ours
+
+    quiet()
     args = parse_args(argv)
     from megatron_rcm.training.config import ConfigError, load_config
 

@@ -1,0 +1,134 @@
+"""The sbatch path on a real Slurm cluster on this host (scripts/local_slurm.sh: munged, slurmctld, two slurmd
+nodes): slurm/wan13b_rcm.sbatch runs the tiny default (shortened, CPU, gloo, one process on each of 2 nodes) to
+completion; a job pre-empted with SIGUSR1 saves, requeues itself, resumes, and its per-iteration losses equal the
+uninterrupted run's bitwise."""
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from megatron_rcm.training.logger import METRICS_FILE, read_metrics
+
+pytestmark = pytest.mark.distributed
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+ITERS = 16
+SHORT = [f"training.train_iters={ITERS}", "training.global_batch_size=4", "training.micro_batch_size=2",
+         "rcm.tangent_warmup=3", "logging.log_interval=1", "logging.eval_interval=0", "logging.tensorboard=false",
+         "checkpoint.save_interval=0"]
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def _free_ports(n: int) -> int:
+    """A base port with n free consecutive ports."""
+    for _ in range(100):
+        base = random.randrange(20000, 40000)
+        try:
+            for p in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if shutil.which("slurmctld") is None and (os.geteuid() != 0 or shutil.which("apt-get") is None):
+        pytest.skip("slurm-wlm is not installed and cannot be installed here (needs root and apt-get)")
+    state = tempfile.mkdtemp(prefix="slurm-", dir="/tmp")  # short: munge's socket path has a length limit
+    env = dict(os.environ, LOCAL_SLURM_DIR=state, LOCAL_SLURM_PORT=str(_free_ports(3)))
+    script = os.path.join(REPO, "scripts", "local_slurm.sh")
+    up = subprocess.run(["bash", script, "up"], env=env, capture_output=True, text=True, timeout=300)
+    if up.returncode and "apt-get install slurm-wlm failed" in up.stderr:
+        pytest.skip(f"apt-get cannot install slurm-wlm: {up.stderr.strip()}")
+    assert up.returncode == 0, up.stdout + up.stderr
+    env["SLURM_CONF"] = os.path.join(state, "slurm.conf")
+    try:
+        yield env
+    finally:
+        down = subprocess.run(["bash", script, "down"], env=env, capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not os.path.exists(state)
+
+
+def _sbatch(env, run_dir, out, extra=()):
+    job_env = dict(env, CONFIG="examples/configs/shapes-tiny.yaml", GPUS_PER_NODE="1", PYTHON=sys.executable,
+                   MASTER_PORT=str(_free_ports(1)), RUN_DIR=run_dir, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        job_env.pop(k, None)
+    cmd = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+           f"--output={out}", *extra, os.path.join(REPO, "slurm", "wan13b_rcm.sbatch"), *SHORT]
+    p = subprocess.run(cmd, cwd=REPO, env=job_env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip().split(";")[0]
+
+
+def _job(env, job) -> dict:
+    p = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return dict(f.split("=", 1) for f in p.stdout.split() if "=" in f)
+
+
+def _wait(env, job, out, timeout=200) -> dict:
+    end = time.time() + timeout
+    while time.time() < end:
+        info = _job(env, job)
+        if info["JobState"] in DONE:
+            return info
+        time.sleep(0.5)
+    log = open(out).read() if os.path.exists(out) else ""
+    pytest.fail(f"job {job} not done after {timeout} s: {info['JobState']}\n{log[-3000:]}")
+
+
+def _losses(run_dir):
+    return {i: {k: v for k, v in r.items() if k.startswith(("loss/", "grad_norm/", "lr/")) or k == "phase"}
+            for i, r in read_metrics(run_dir).items()}
+
+
+@pytest.fixture(scope="module")
+def complete_run(cluster, tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurm-run")
+    run_dir, out = str(d / "run"), str(d / "job.out")
+    job = _sbatch(cluster, run_dir, out)
+    info = _wait(cluster, job, out)
+    return run_dir, open(out).read(), info
+
+
+def test_sbatch_runs_the_tiny_default_to_completion(complete_run):
+    run_dir, log, info = complete_run
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert "on 2 node(s) [n[1-2]] x 1 process(es) = world 2" in log
+    assert "TP 1 x CP 1 x PP 1 x DP 2 | micro-batch 2 x 1" in log  # the resolved layout, printed at start
+    assert "global batch 4 = micro 2 x 1 x DP 2" in log
+    assert sorted(read_metrics(run_dir)) == list(range(1, ITERS + 1))
+    latest = open(os.path.join(run_dir, "checkpoints", "latest")).read().strip()
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", latest))
+
+
+def test_preempted_job_requeues_and_resumes_the_same_trajectory(cluster, complete_run, tmp_path):
+    reference, _, _ = complete_run
+    run_dir, out = str(tmp_path / "run"), str(tmp_path / "job.out")
+    job = _sbatch(cluster, run_dir, out)
+    end = time.time() + 200
+    metrics = os.path.join(run_dir, METRICS_FILE)
+    while not (os.path.exists(metrics) and read_metrics(run_dir)):  # the first iteration is done: pre-empt
+        assert time.time() < end and _job(cluster, job)["JobState"] not in DONE, open(out).read()[-3000:]
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True, timeout=30)
+    info = _wait(cluster, job, out, timeout=300)
+    log = open(out).read()  # --open-mode=append: both runs of the job
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "asking the workers to save a checkpoint and stop" in log and "requeueing job" in log
+    assert "job %s (restart 1)" % job in log
+    resumed_at = int(log.split("resumed from")[1].split("at iteration")[1].split()[0])
+    assert 1 <= resumed_at < ITERS, "the signal came after the last iteration: the test did not cut the run"
+    assert _losses(run_dir) == _losses(reference)  # bitwise: floats compared with ==

@@ -6,7 +6,8 @@
 
 Configuration: the dataclass tree of `megatron_rcm.training.config` (defaults = the tiny default) <- `--config`
 YAML <- `key.sub=value` overrides. Re-running the same command with the same `run_dir` resumes from the latest
-checkpoint. Outputs in `run_dir`: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, ema/ (the exported EMA).
+checkpoint (one job per run directory: a second launch into it stops at once). Outputs in `run_dir`: config.yaml,
+metrics.jsonl, tensorboard/, checkpoints/, ema/ (the exported EMA).
 """
 
 import argparse
@@ -53,6 +54,13 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     try:
         trainer.train()
+    except ValueError as e:  # a checkpoint that cannot be used (damaged, unsafe): named in one line
+        from megatron_rcm.checkpoint.io import UnsafeCheckpointError
+        from megatron_rcm.training.checkpointing import CheckpointError
+
+        if not isinstance(e, (CheckpointError, UnsafeCheckpointError)):
+            raise
+        sys.exit(f"error: {e}")
     finally:
         destroy_parallel()
 

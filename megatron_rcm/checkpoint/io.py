@@ -93,8 +93,11 @@ def _barrier():
         dist.barrier()
 
 
-def sharded_state_dict(model: torch.nn.Module, prefix: str = "", tensors: dict | None = None) -> dict:
-    """ShardedTensors for every parameter of `model` (or for `tensors`, shaped like the parameters).
+def sharded_state_dict(model: torch.nn.Module, prefix: str = "", tensors: dict | None = None,
+                       keep_vars: bool = False) -> dict:
+    """ShardedTensors for every parameter of `model` (or for `tensors`, shaped like the parameters, only those
+    named). `keep_vars`: the parameters themselves as data (megatron's distributed optimizer finds its parameters
+    in a model's sharded state dict by identity).
 
     Replica ids: 0 marks the one copy that is written; tensor-parallel-replicated parameters are copies on the
     other TP ranks, and every parameter is replicated across data-parallel (and context-parallel) ranks."""
@@ -104,7 +107,7 @@ def sharded_state_dict(model: torch.nn.Module, prefix: str = "", tensors: dict |
     for name, p in model.named_parameters():
         if tensors is not None and name not in tensors:
             continue
-        data = p.detach() if tensors is None else tensors[name]
+        data = (p if keep_vars else p.detach()) if tensors is None else tensors[name]
         key = prefix + name
         if getattr(p, "tensor_model_parallel", False) and tp > 1:
             out[key] = ShardedTensor.from_rank_offsets(key, data, (p.partition_dim, tp_rank, tp),

@@ -27,7 +27,7 @@ TINY_SHAPES_DATA = ShapesConfig(frames=8, size=16, radius=3, speed=1)
 def tiny_rcm() -> RCMConfig:
     """The objective of the tiny default (the paper's values scaled to a 6K-element sample and ~600 iterations:
     short tangent warm-up, more frequent student steps, lambda raised as DESIGN §2 explains)."""
-    return RCMConfig(dmd_weight=0.1, p_mean=-0.8 + 0.5 * 2.0794415416798357, p_std=1.6, guidance=3.0,
+    return RCMConfig(dmd_weight=0.01, p_mean=-0.8 + 0.5 * 2.0794415416798357, p_std=1.6, guidance=3.0,
                      tangent_warmup=100, student_update_freq=2, ema_sigma_rel=0.1)
 
 
@@ -116,6 +116,16 @@ class TrainingLoopConfig:
     """torch threads per process on CPU (0: leave torch's default)."""
     nan_iterations: tuple[int, ...] = ()
     """Fault injection for tests: the loss of these iterations is made NaN (the step must be skipped)."""
+    resume: bool = True
+    """Continue from `<run_dir>/checkpoints/latest`. false: start from the teacher; refused when the run directory
+    already holds checkpoints (use a new run_dir)."""
+    resume_from: str = ""
+    """Continue from this checkpoint directory instead of the one `latest` names."""
+    resume_fallback: bool = True
+    """When the newest checkpoint is damaged (a truncated or missing file), resume from the newest complete older one
+    (and say so); false: refuse."""
+    allow_config_change: bool = False
+    """Accept (and log) a resume with a different micro-batch size, dtype or model than the checkpoint's."""
 
 
 @dataclass
@@ -159,8 +169,9 @@ class LoggingConfig:
     eval_interval: int = 200
     """Every this many iterations (and at the first and last): 1/2/4-step samples of the EMA and the student,
     prompt-alignment score and feature distance against the teacher's multi-step samples. 0 = off."""
-    eval_samples: int = 96
-    """Prompts per evaluation (shapes set: all 48 prompts twice)."""
+    eval_samples: int = 192
+    """Samples per evaluation: each prompt at least twice in a row with different noise (192: all 48 prompts four
+    times), so that the spread over noise of each prompt is measured."""
     eval_student_steps: tuple[int, ...] = (1, 2, 4)
     teacher_eval_steps: int = 32
     """Steps of the teacher's reference sampler."""
@@ -183,6 +194,8 @@ class CheckpointConfig:
     save_at_end: bool = True
     exit_after_iteration: int = 0
     """Test hook: stop (without saving) after this iteration, as a crash would. 0 = off."""
+    exit_during_export: bool = False
+    """Test hook: die (exit status 1) once the final EMA export has begun, as a kill would."""
 
 
 @dataclass
@@ -306,17 +319,64 @@ def apply_override(data: dict, override: str) -> None:
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainingConfig:
-    """Defaults <- YAML file <- dotted overrides, validated."""
+    """Defaults <- YAML file <- dotted overrides, validated (types, then `check_ranges`)."""
     data = to_dict(TrainingConfig())
     if path:
-        with open(path) as f:
-            file_data = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                file_data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(file_data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         _merge(data, file_data, path)
     for o in overrides:
         apply_override(data, o)
-    return from_dict(TrainingConfig, data)
+    config = from_dict(TrainingConfig, data)
+    check_ranges(config)
+    return config
+
+
+# (field, lowest allowed value) of every numeric field with a range (0 where "0 = off" is documented)
+_RANGES = [
+    ("parallel.tensor_model_parallel_size", 1), ("parallel.context_parallel_size", 1),
+    ("parallel.pipeline_model_parallel_size", 1),
+    ("optimizer.student_lr", 0.0), ("optimizer.critic_lr", 0.0), ("optimizer.adam_beta1", 0.0),
+    ("optimizer.adam_beta2", 0.0), ("optimizer.adam_eps", 0.0), ("optimizer.weight_decay", 0.0),
+    ("optimizer.lr_warmup_iters", 0), ("optimizer.clip_grad", 0.0),
+    ("training.train_iters", 1), ("training.global_batch_size", 1), ("training.micro_batch_size", 1),
+    ("training.seed", 0), ("training.threads", 0),
+    ("data.text_length", 1), ("data.frames", 1), ("data.size", 1), ("data.radius", 1), ("data.speed", 0),
+    ("data.height", 1), ("data.width", 1),
+    ("logging.log_interval", 1), ("logging.eval_interval", 0), ("logging.eval_samples", 1),
+    ("logging.teacher_eval_steps", 1), ("logging.eval_student_steps", 1),
+    ("checkpoint.save_interval", 0), ("checkpoint.keep_last", 0), ("checkpoint.exit_after_iteration", 0),
+]
+_BELOW_ONE = {"optimizer.adam_beta1", "optimizer.adam_beta2"}
+_POSITIVE = {"optimizer.adam_eps", "logging.teacher_shift"}
+
+
+def check_ranges(config: TrainingConfig) -> None:
+    """Every numeric field in its range, before any work: one ConfigError naming the field."""
+    def value(field):
+        node = config
+        for part in field.split("."):
+            node = getattr(node, part)
+        return node
+
+    for field, low in _RANGES:
+        for v in (value(field) if isinstance(value(field), tuple) else (value(field),)):
+            if v < low or (field in _BELOW_ONE and v >= 1) or (field in _POSITIVE and v <= 0):
+                bound = "in [0, 1)" if field in _BELOW_ONE else "> 0" if field in _POSITIVE else f">= {low}"
+                raise ConfigError(f"{field} must be {bound}, got {v!r}")
+    if config.logging.teacher_shift <= 0:
+        raise ConfigError(f"logging.teacher_shift must be > 0, got {config.logging.teacher_shift!r}")
+    if not config.logging.eval_student_steps:
+        raise ConfigError("logging.eval_student_steps must name at least one step count, got []")
 
 
 def _merge(base: dict, new: dict, where: str, prefix: str = "") -> None:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_rcm.checkpoint import io
 from megatron_rcm.training.config import OptimizerConfig
 
 
@@ -71,12 +72,20 @@ class Trainable(abc.ABC):
         `skip=True` (a NaN loss somewhere): synchronise nothing, drop the grads, leave weights and schedule."""
 
     @abc.abstractmethod
-    def state_dict(self) -> dict:
-        """Everything to resume: weights (this model-parallel rank), optimizer, scheduler. Collective on the
-        megatron path (the distributed optimizer gathers its shards)."""
+    def sharded_state_dict(self, prefix: str, state: dict | None = None) -> dict:
+        """This rank's ShardedTensors of the weights and the optimizer state under global names (`<prefix>model.<param>`,
+        optimizer tensors sharded like their parameters), so that a checkpoint reshards on load. `state=None`: for a
+        save (the live tensors); else the JSON state of the checkpoint to load, and the tensors are buffers to read
+        into. Collective on the megatron path."""
 
     @abc.abstractmethod
-    def load_state_dict(self, state: dict) -> None: ...
+    def checkpoint_state(self) -> dict:
+        """The JSON-able rest: LR schedule, optimizer hyperparameters and step counts. Call after
+        `sharded_state_dict(prefix)` of the same save."""
+
+    @abc.abstractmethod
+    def load_checkpoint(self, loaded: dict, prefix: str, state: dict) -> None:
+        """Take the tensors read for `sharded_state_dict(prefix, state)` (keyed like it) and the JSON state."""
 
     @property
     def lr(self) -> float:
@@ -142,13 +151,45 @@ class TorchTrainable(Trainable):
         self.zero_grad()
         return StepResult(grad_norm, num_nan, self.lr)
 
-    def state_dict(self) -> dict:
-        return {"model": {k: v.clone() if torch.is_tensor(v) else v for k, v in self.module.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    _MOMENTS = ("exp_avg", "exp_avg_sq")
 
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _named_params(self):
+        trainable = {id(p) for p in self.params}
+        return [(n, p) for n, p in self.module.named_parameters() if id(p) in trainable]
+
+    def sharded_state_dict(self, prefix: str, state: dict | None = None) -> dict:
+        loading = state is not None
+        weights = {n: torch.empty_like(p) for n, p in self.module.named_parameters()} if loading else None
+        out = io.sharded_state_dict(self.module, f"{prefix}model.", tensors=weights)
+        named = [(n, p) for n, p in self._named_params() if (n in state["steps"] if loading
+                                                               else p in self.optimizer.state)]
+        for k in self._MOMENTS:  # AdamW's moments have their parameter's shape: sharded like it
+            moments = {n: torch.empty_like(p) if loading else self.optimizer.state[p][k] for n, p in named}
+            out.update(io.sharded_state_dict(self.module, f"{prefix}optim.{k}.", tensors=moments))
+        return out
+
+    def checkpoint_state(self) -> dict:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        steps = {n: float(self.optimizer.state[p]["step"]) for n, p in self._named_params()
+                 if p in self.optimizer.state}
+        return {"scheduler": self.scheduler.state_dict(), "param_groups": groups, "steps": steps}
+
+    @torch.no_grad()
+    def load_checkpoint(self, loaded: dict, prefix: str, state: dict) -> None:
+        for n, p in self.module.named_parameters():
+            p.copy_(loaded[f"{prefix}model.{n}"])
+        current = self.optimizer.state_dict()
+        if len(state["param_groups"]) != len(current["param_groups"]):
+            raise ValueError(f"{self.name}: the checkpoint has {len(state['param_groups'])} optimizer parameter "
+                             f"groups, this run {len(current['param_groups'])}")
+        groups = [{**saved, "params": g["params"]} for saved, g in zip(state["param_groups"], current["param_groups"])]
+        index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        optim_state = {}
+        for n, p in self._named_params():
+            if n in state["steps"]:
+                optim_state[index[id(p)]] = {"step": torch.tensor(state["steps"][n], dtype=torch.float32),
+                                             **{k: loaded[f"{prefix}optim.{k}.{n}"] for k in self._MOMENTS}}
+        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
         self.scheduler.load_state_dict(state["scheduler"])
 
 
@@ -222,30 +263,83 @@ class MegatronTrainable(Trainable):
         grad_norm = float("nan") if grad_norm is None else float(grad_norm)
         return StepResult(grad_norm, int(nan.item()), self.lr, skipped=not ok)
 
-    def state_dict(self) -> dict:
-        state = {"model": {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
-                           for k, v in self.module.state_dict().items()},
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        if self.use_distributed_optimizer:
-            # gathered to DP rank 0 in a DP-size independent layout: a checkpoint from 2 GPUs resumes on 1
-            state["optimizer_param_state"] = [o.get_parameter_state_dp_zero() for o in self._distributed_parts()]
-        return state
+    _SHARDING = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+    """Each parameter's optimizer state (fp32 main weights, Adam's moments) is a ShardedTensor under the
+    parameter's global name, this DP rank's flat range of it: reshardable over TP and DP without a gather."""
 
-    def _distributed_parts(self):
-        # get_megatron_optimizer returns a ChainedOptimizer (one distributed optimizer per param group kind)
-        return getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+    def sharded_state_dict(self, prefix: str, state: dict | None = None) -> dict:
+        loading = state is not None
+        weights = {n: torch.empty_like(p) for n, p in self.module.named_parameters()} if loading else None
+        out = io.sharded_state_dict(self.module, f"{prefix}model.", tensors=weights)
+        # the optimizer finds its parameters in the model's sharded state dict by identity (keep_vars)
+        model = io.sharded_state_dict(self.module, f"{prefix}model.", keep_vars=True)
+        self._optim_sharded = self.optimizer.sharded_state_dict(model, is_loading=loading, metadata=self._SHARDING)
+        for path, sh in _sharded_leaves(self._optim_sharded):
+            out[f"{prefix}optim/{path}"] = sh
+        return out
 
-    def load_state_dict(self, state: dict) -> None:
+    def checkpoint_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "optimizer": _without_sharded(self._optim_sharded)}
+
+    def load_checkpoint(self, loaded: dict, prefix: str, state: dict) -> None:
         with torch.no_grad():
-            self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.use_distributed_optimizer:
-            with torch.no_grad():  # it copies into the fp32 main parameters (leaves that require grad)
-                for o, s in zip(self._distributed_parts(), state["optimizer_param_state"]):
-                    _load_parameter_state_from_dp_zero(o, s)
+            for n, p in self.module.named_parameters():
+                p.copy_(loaded[f"{prefix}model.{n}"])
+        tensors = {path: loaded[f"{prefix}optim/{path}"] for path, _ in _sharded_leaves(self._optim_sharded)}
+        self.optimizer.load_state_dict(_fill(self._optim_sharded, state["optimizer"], tensors))
+        for o in self._distributed_parts():
+            separate_adam_steps(o.optimizer)
         # No reload_model_params() here: it copies the (bf16) model parameters over the fp32 main parameters that
         # were just loaded; Megatron-LM calls it only when a checkpoint's optimizer state is not loaded.
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def _distributed_parts(self):
+        # get_megatron_optimizer returns a ChainedOptimizer (one optimizer per param group kind)
+        return getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+
+
+def _sharded_leaves(obj, path: str = ""):
+    """(path, ShardedBase) of every sharded leaf of a nested optimizer state dict."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    if isinstance(obj, ShardedBase):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _sharded_leaves(v, f"{path}/{k}" if path else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _sharded_leaves(v, f"{path}/{i}" if path else str(i))
+
+
+def _without_sharded(obj):
+    """The non-tensor rest of a nested optimizer state dict (sharded leaves become None)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    if isinstance(obj, ShardedBase):
+        return None
+    if isinstance(obj, dict):
+        return {k: _without_sharded(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_without_sharded(v) for v in obj)
+    return obj
+
+
+def _fill(request, saved, tensors: dict, path: str = ""):
+    """The structure of `request` (built for loading at this layout) with its sharded leaves replaced by the tensors
+    read and its other leaves by the saved values at the same place (the request's own where none was saved)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    if isinstance(request, ShardedBase):
+        return tensors[path]
+    if isinstance(request, dict):
+        saved = saved if isinstance(saved, dict) else {}
+        return {k: _fill(v, saved.get(k), tensors, f"{path}/{k}" if path else str(k)) for k, v in request.items()}
+    if isinstance(request, (list, tuple)):
+        saved = saved if isinstance(saved, (list, tuple)) and len(saved) == len(request) else [None] * len(request)
+        return type(request)(_fill(v, s, tensors, f"{path}/{i}" if path else str(i))
+                             for i, (v, s) in enumerate(zip(request, saved)))
+    return request if saved is None else saved
 
 
 def separate_adam_steps(optimizer: torch.optim.Optimizer) -> None:
@@ -257,21 +351,6 @@ def separate_adam_steps(optimizer: torch.optim.Optimizer) -> None:
     for st in optimizer.state.values():
         if torch.is_tensor(st.get("step")):
             st["step"] = st["step"].detach().clone()
-
-
-def _load_parameter_state_from_dp_zero(optimizer, state) -> None:
-    """megatron-core 0.19's `load_parameter_state_from_dp_zero` with torch's Adam (no Apex / TE). It copies every
-    tensor of a parameter's optimizer state from the saved DP-zero state, which holds no "step", and fails with
-    KeyError 'step': the steps, already restored by `optimizer.load_state_dict`, are set aside during the copy and
-    put back, each parameter with its own tensor (`separate_adam_steps`)."""
-    inner = optimizer.optimizer.state
-    steps = {p: st.pop("step") for p, st in inner.items() if torch.is_tensor(st.get("step"))}
-    try:
-        optimizer.load_parameter_state_from_dp_zero(state)
-    finally:
-        for p, step in steps.items():
-            inner[p]["step"] = step
-        separate_adam_steps(optimizer.optimizer)
 
 
 def make_trainable(kind: str, name: str, module, lr, cfg: OptimizerConfig, train_iters: int,

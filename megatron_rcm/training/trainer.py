@@ -13,6 +13,7 @@ CPU and CUDA.
 """
 
 import os
+import shutil
 import signal
 import time
 
@@ -20,11 +21,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_rcm import diffusion as D
+from megatron_rcm.checkpoint import io as checkpoint_io
 from megatron_rcm.models import build_model, from_pretrained
 from megatron_rcm.models.loading import ARCHITECTURES, config_to_dict, inspect_checkpoint, save_megatron
 from megatron_rcm.parallel import state
 from megatron_rcm.training import checkpointing
-from megatron_rcm.training.config import ConfigError, TrainingConfig, dump_config, model_preset
+from megatron_rcm.training.config import ConfigError, TrainingConfig, check_ranges, dump_config, model_preset
 from megatron_rcm.training.data import build_batches
 from megatron_rcm.training.logger import TrainingLogger, append_metrics
 from megatron_rcm.training.trainable import make_trainable
@@ -39,6 +41,7 @@ def world_size_from_env() -> int:
 def validate(config: TrainingConfig, world_size: int) -> int:
     """Checks that need no process group and no file reads beyond the teacher's header; returns the DP size.
     Raises ConfigError / FileNotFoundError with a message that says what to change."""
+    check_ranges(config)
     p, t = config.parallel, config.training
     mp = p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size
     if min(p.tensor_model_parallel_size, p.context_parallel_size, p.pipeline_model_parallel_size) < 1:
@@ -119,10 +122,47 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = forward
 
 
+def check_resume(config: TrainingConfig, path: str) -> list[str]:
+    """Refuse (ConfigError) to continue checkpoint `path` with a changed micro-batch size, dtype or model, unless
+    `training.allow_config_change`; returns the accepted changes (to be logged)."""
+    import yaml
+
+    meta = checkpointing.verify(path)
+    try:
+        with open(os.path.join(path, "config.yaml")) as f:
+            saved = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise checkpointing.CheckpointError(f"{os.path.join(path, 'config.yaml')}: unreadable ({e})") from None
+    arch_name, preset = model_preset(config.model.preset)
+    pairs = {"training.micro_batch_size": (saved.get("training", {}).get("micro_batch_size"),
+                                           config.training.micro_batch_size),
+             "model.params_dtype": (meta.get("params_dtype"), config.model.params_dtype),
+             "model.preset": (saved.get("model", {}).get("preset"), config.model.preset),
+             "model (family)": (meta.get("model"), arch_name),
+             "model (config)": (meta.get("model_config"), config_to_dict(preset))}
+    changed = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in pairs.items() if a != b]
+    if changed and not config.training.allow_config_change:
+        raise ConfigError(f"checkpoint {path} was written with a different configuration ({'; '.join(changed)}); "
+                          f"set training.allow_config_change=true to continue anyway, or use a new run_dir")
+    return changed
+
+
 class Trainer:
     def __init__(self, config: TrainingConfig):
         self.config = c = config
         self.dp_size = validate(c, world_size_from_env())
+        rank = int(os.environ.get("RANK", "0"))
+        self.lock = checkpointing.RunLock(c.run_dir)
+        if rank == 0:
+            self.lock.acquire()  # one job per run directory; the OS releases it when this process dies
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            checkpointing.die_with_parent()  # no worker outlives torchrun's agent
+        notes: list[str] = []
+        t = c.training
+        self.resume_path = checkpointing.resolve(c.run_dir, t.resume, t.resume_from, t.resume_fallback, notes.append)
+        if self.resume_path is not None:
+            notes += [f"allow_config_change: continuing {self.resume_path} with {change}"
+                      for change in check_resume(c, self.resume_path)]
         if c.training.threads > 0 and not torch.cuda.is_available():
             torch.set_num_threads(c.training.threads)
         backend = None if c.parallel.backend == "auto" else c.parallel.backend
@@ -136,6 +176,8 @@ class Trainer:
         self.schedule = D.PhaseSchedule(c.rcm)
         self.log = TrainingLogger(c.run_dir, self.rank == 0, c.logging.tensorboard, c.training.train_iters,
                                   c.logging.log_interval)
+        for note in notes:
+            self.log.print(note)
         self._build_models()
         self.batches = build_batches(c, self.model_config.text_dim, self.dp_rank, self.dp_size, self.device,
                                      self.model_config.in_channels)
@@ -293,8 +335,10 @@ class Trainer:
             self.ema.update(self.student.module)
         samples = c.training.global_batch_size
         record = {"phase": phase}
+        # the sums came from every rank: tensor-parallel ranks hold copies of their DP rank's losses
+        replicas = state.cp_size() * state.tp_size()
         for i, k in enumerate(keys):
-            record[k] = float(packed[i]) / (samples * state.cp_size()) if not nan_loss else float("nan")
+            record[k] = float(packed[i]) / (samples * replicas) if not nan_loss else float("nan")
         record[f"grad_norm/{phase}"] = result.grad_norm
         record[f"lr/{phase}"] = result.lr
         record[f"nan_grads/{phase}"] = result.num_nan_grads
@@ -306,53 +350,88 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------------------------------------------
-    def _mp_state(self) -> dict:
-        out = {"student": self.student.state_dict(), "ema": self.ema.state_dict()}
-        if self.critic is not None:
-            out["critic"] = self.critic.state_dict()
-        return out
+    def _trainables(self):
+        return [("student", self.student)] + ([("critic", self.critic)] if self.critic is not None else [])
+
+    def _ema_sharded(self, empty: bool = False) -> dict:
+        shadow = {n: torch.empty_like(v) for n, v in self.ema.shadow.items()} if empty else self.ema.shadow
+        return checkpoint_io.sharded_state_dict(self.student.module, "ema.shadow.", tensors=shadow)
+
+    def _collect(self) -> tuple[dict, dict]:
+        """Every rank's ShardedTensors and rank 0's JSON state of a checkpoint."""
+        sharded, state = {}, {}
+        for name, trainable in self._trainables():
+            sharded.update(trainable.sharded_state_dict(f"{name}."))
+            state[name] = trainable.checkpoint_state()
+        sharded.update(self._ema_sharded())
+        state["ema"] = {"sigma_rel": self.ema.sigma_rel, "num_updates": self.ema.num_updates}
+        state["consumed_samples"] = self.batches.consumed_samples
+        return sharded, state
+
+    def _layout(self) -> dict:
+        return {"tensor_model_parallel_size": state.tp_size(), "pipeline_model_parallel_size": state.pp_size(),
+                "context_parallel_size": state.cp_size()}
 
     def save(self) -> str:
         c = self.config
-        meta = {"consumed_samples": self.batches.consumed_samples,
-                "parallel": {"tensor_model_parallel_size": state.tp_size(),
-                             "pipeline_model_parallel_size": state.pp_size(),
-                             "context_parallel_size": state.cp_size()},
-                "data_parallel_size": self.dp_size, "model": self.arch.name,
+        meta = {"parallel": self._layout(), "data_parallel_size": self.dp_size, "model": self.arch.name,
                 "model_config": config_to_dict(self.model_config), "params_dtype": c.model.params_dtype,
                 "timestep_scale": c.rcm.timestep_scale}
-        rank_state = {"rng": checkpointing.rng_state(), "data": self.batches.state_dict()}
+        rank_state = {"rng": checkpointing.rng_state(), "data": self.batches.state_dict(), "dp_rank": self.dp_rank}
         t0 = time.time()
-        path = checkpointing.save(c.run_dir, self.iteration, self._mp_state, rank_state, meta, dump_config(c),
+        path = checkpointing.save(c.run_dir, self.iteration, self._collect, rank_state, meta, dump_config(c),
                                   c.checkpoint.keep_last)
         self.log.print(f"saved checkpoint {path} ({time.time() - t0:.1f} s)")
         return path
 
     def maybe_resume(self) -> bool:
-        path = checkpointing.latest(self.config.run_dir)
+        path = self.resume_path
         if path is None:
             return False
-        mp_state, rank_state, meta = checkpointing.load(path)
-        self.student.load_state_dict(mp_state["student"])
-        if self.critic is not None:
-            if "critic" not in mp_state:
-                raise ValueError(f"checkpoint {path} has no critic but this run uses the DMD regularizer")
-            self.critic.load_state_dict(mp_state["critic"])
-        self.ema.load_state_dict(mp_state["ema"])
-        self.iteration = int(meta["iteration"])
-        if rank_state is not None:
+        meta, saved, rank_state = checkpointing.load_state(path)
+        if self.critic is not None and "critic" not in saved:
+            raise checkpointing.CheckpointError(f"checkpoint {path} has no critic but this run uses the DMD "
+                                                f"regularizer")
+        request = self._ema_sharded(empty=True)
+        for name, trainable in self._trainables():
+            request.update(trainable.sharded_state_dict(f"{name}.", saved[name]))
+        loaded = checkpointing.load_tensors(path, request)
+        for name, trainable in self._trainables():
+            trainable.load_checkpoint(loaded, f"{name}.", saved[name])
+        with torch.no_grad():
+            for n, v in self.ema.shadow.items():
+                v.copy_(loaded[f"ema.shadow.{n}"])
+        self.ema.sigma_rel = float(saved["ema"]["sigma_rel"])
+        self.ema.gamma = D.sigma_rel_to_gamma(self.ema.sigma_rel)
+        self.ema.num_updates = int(saved["ema"]["num_updates"])
+        self.iteration = int(saved["iteration"])
+        if rank_state is not None and meta["parallel"] == self._layout():
             checkpointing.set_rng_state(rank_state["rng"])
             self.batches.load_state_dict(rank_state["data"])
-        else:
-            self.batches.consumed_samples = int(meta["consumed_samples"])
+        else:  # another layout: the data position is the number of samples consumed (exact for pure sources)
+            self.batches.consumed_samples = int(saved["consumed_samples"])
         self.log.print(f"resumed from {path} at iteration {self.iteration} "
                        f"({self.batches.consumed_samples} samples consumed)")
         return True
 
     def export_ema(self, path: str) -> None:
-        """The EMA as a megatron-rcm model checkpoint (loadable by `from_pretrained` and generate.py)."""
+        """The EMA as a megatron-rcm model checkpoint (loadable by `from_pretrained` and generate.py). Side
+        directories of an export a kill interrupted are removed first."""
+        if self.rank == 0:
+            parent, base = os.path.split(os.path.abspath(path))
+            for d in os.listdir(parent):
+                if d.startswith(f"{base}.incomplete-") or d.startswith(f"{base}.old-"):
+                    shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        if self.config.checkpoint.exit_during_export:
+            checkpoint_io.atomic_dir(path)  # the export has begun ...
+            os._exit(1)  # ... and the job dies (test hook)
         self.ema.copy_to(self.ema_module)
         save_megatron(self.ema_module, path)
+
+    def _has_export(self, path: str) -> bool:
+        return os.path.isfile(os.path.join(path, checkpoint_io.HEADER))
 
     # ------------------------------------------------------------------------------------------------------
     # Evaluation (shapes set only: it needs the shapes classifier)
@@ -410,11 +489,11 @@ class Trainer:
         if c.checkpoint.save_on_signal:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGUSR1, self._on_signal)
-        if self.rank == 0:
+        resumed = self.maybe_resume()
+        if self.rank == 0:  # after every check of the config and of the checkpoint it continues
             os.makedirs(c.run_dir, exist_ok=True)
             with open(os.path.join(c.run_dir, "config.yaml"), "w") as f:
                 f.write(dump_config(c))
-        resumed = self.maybe_resume()
         n_params = sum(p.numel() for p in self.student.module.parameters())
         self.log.print(f"rCM: student/critic/teacher/ema of {n_params:,} parameters each (this rank) | "
                        f"world {dist.get_world_size()} = TP {state.tp_size()} x CP {state.cp_size()} x "
@@ -422,7 +501,13 @@ class Trainer:
                        f"micro {c.training.micro_batch_size} x {self.batches.num_micro} x DP {self.dp_size} | "
                        f"grad sync {type(self.student).__name__}")
         if self.iteration >= c.training.train_iters:
-            self.log.print(f"run in {c.run_dir} is complete ({self.iteration} iterations); nothing to do")
+            export = os.path.join(c.run_dir, "ema")
+            if c.checkpoint.save_at_end and not self._has_export(export):
+                self.export_ema(export)  # the run ended before its export was complete
+                self.log.print(f"run in {c.run_dir} is complete ({self.iteration} iterations) but had no complete "
+                               f"EMA export: exported the EMA to {export}")
+            else:
+                self.log.print(f"run in {c.run_dir} is complete ({self.iteration} iterations); nothing to do")
             self.log.close()
             return self.records
         if not resumed:

@@ -68,8 +68,10 @@ def test_tiny_default_end_to_end(tiny_run):
     assert "eval ema at iteration 8: 1-step alignment" in log
     ckpt = os.path.join(run_dir, "checkpoints")
     assert open(os.path.join(ckpt, "latest")).read().strip() == "iter_0000008"
-    assert {"meta.json", "config.yaml", "mp_rank_00_000_00.pt", "rank_00000.pt", "rank_00001.pt"} <= \
+    assert {"meta.json", "config.yaml", "state.json", "tensors", "ranks"} == \
         set(os.listdir(os.path.join(ckpt, "iter_0000008")))
+    assert sorted(os.listdir(os.path.join(ckpt, "iter_0000008", "ranks"))) == ["rank_00000.json", "rank_00001.json"]
+    assert not [f for root, _, files in os.walk(ckpt) for f in files if f.endswith((".pt", ".pth", ".pkl"))]
     assert "train_iters: 8" in open(os.path.join(ckpt, "iter_0000008", "config.yaml")).read()
     assert os.path.isfile(os.path.join(run_dir, "ema", "megatron_rcm.json"))
 

@@ -1,17 +1,20 @@
 """Train the tiny flow-matching teacher (and the prompt-alignment classifier) that the tiny rCM default distils.
 
-The shipped assets in examples/assets/ were made with
+The teacher is a Wan2.1-architecture DiT (`megatron_rcm.training.config.TINY_SHAPES_MODEL`) trained by
+rectified-flow matching on the procedural shapes set (`megatron_rcm.data.shapes`) with 10% caption dropout (so
+classifier-free guidance works against the empty negative prompt). What is saved is the power-function EMA of its
+weights (EDM2; samples of the EMA are much cleaner than those of the last iterate). Written: `shapes-teacher/` (a
+megatron-rcm checkpoint, loadable with `megatron_rcm.models.from_pretrained`) and `shapes-classifier.pt` (only if
+missing). At the end the teacher's multi-step samples are scored as the rCM evaluation scores them (32-step UniPC,
+the eval prompts and noise) for a few guidance scales.
 
-    python examples/pretrain_flow.py --out examples/assets
-
-(one CPU process, one thread; 18 minutes on a shared 2-core machine; final flow-matching loss ~0.10). The teacher is a Wan2.1-architecture DiT
-(`megatron_rcm.training.config.TINY_SHAPES_MODEL`) trained by rectified-flow matching on the procedural
-shapes set (`megatron_rcm.data.shapes`) with 10% caption dropout (so classifier-free guidance works against
-the empty negative prompt). Written: `shapes-teacher/` (a megatron-rcm checkpoint, loadable with
-`megatron_rcm.models.from_pretrained`) and `shapes-classifier.pt`.
+Every batch is a function of (seed, iteration) only, so `--workers` (data rendering in background processes) and
+the device do not change the stream. The shipped assets (examples/assets) and the command that made them are listed
+in benchmarks/RESULTS.md ("Tiny default quality").
 """
 
 import argparse
+import json
 import math
 import os
 import time
@@ -19,70 +22,144 @@ import time
 import torch
 
 
+class TeacherBatches(torch.utils.data.Dataset):
+    """Item `it`: the clean videos, text embeddings and flow-matching draws of iteration `it`."""
+
+    def __init__(self, data_config, text_dim: int, batch_size: int, caption_dropout: float, seed: int, length: int):
+        from megatron_rcm.data.shapes import ShapesDataset, ShapesTextEncoder
+
+        self.dataset = ShapesDataset(data_config, seed=seed)
+        self.encoder = ShapesTextEncoder(dim=text_dim)
+        self.batch_size, self.caption_dropout, self.seed, self.length = batch_size, caption_dropout, seed, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, it: int):
+        b = self.batch_size
+        x0, caps = self.dataset.batch(range(it * b, (it + 1) * b))
+        text = self.encoder.encode(caps)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + it)
+        text[torch.rand(b, generator=gen) < self.caption_dropout] = 0.0
+        # rectified-flow times: logit-normal (SD3) mixed with uniform, so that both ends are trained
+        s = torch.sigmoid(torch.randn(b, generator=gen))
+        s = torch.where(torch.rand(b, generator=gen) < 0.2, torch.rand(b, generator=gen), s)
+        eps = torch.randn(x0.shape, generator=gen)
+        return x0, text, s, eps
+
+
+@torch.no_grad()
+def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompts: int, seed: int) -> dict:
+    """Alignment of the teacher's `steps`-step UniPC samples on the evaluation's prompts and noise, per guidance."""
+    from megatron_rcm.data import shapes
+    from megatron_rcm.diffusion import TrigFlowWrapper, teacher_sample
+    from megatron_rcm.training.config import TINY_SHAPES_DATA, TINY_SHAPES_MODEL
+
+    clf = shapes.ShapesClassifier()
+    clf.load_state_dict(torch.load(classifier_path, map_location="cpu", weights_only=True))
+    clf.eval()
+    encoder = shapes.ShapesTextEncoder(dim=TINY_SHAPES_MODEL.text_dim)
+    device = next(model.parameters()).device
+    prompts = shapes.eval_prompts(num_prompts)
+    d = TINY_SHAPES_DATA
+    shape = (num_prompts, TINY_SHAPES_MODEL.in_channels, d.frames, d.size, d.size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 77), dtype=torch.float64).to(device)
+    text, neg = encoder.encode(prompts).to(device), encoder.negative(1).to(device)
+    teacher = TrigFlowWrapper(model, 1000.0)
+    out = {}
+    for w in guidances:
+        x = teacher_sample(teacher, noise, text, steps, "unipc", 1.0, w, neg).float().cpu()
+        out[f"alignment_cfg{w:g}"] = round(shapes.alignment_score(clf, x, prompts), 4)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="examples/assets", help="folder for shapes-teacher/ and shapes-classifier.pt")
     p.add_argument("--iterations", type=int, default=6000)
+    p.add_argument("--time-limit", type=float, default=0.0,
+                   help="seconds; if > 0 the LR schedule runs on max(iteration, time) progress and training stops "
+                        "when either is used up (the log says how many iterations ran; --iterations of that number "
+                        "reproduces the run without the limit)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema-sigma-rel", type=float, default=0.05, help="relative width of the saved power EMA")
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--init", default="", help="start from this teacher checkpoint instead of random weights")
     p.add_argument("--classifier-steps", type=int, default=250)
+    p.add_argument("--eval-guidance", type=float, nargs="*", default=[1.0, 2.0, 3.0, 4.0],
+                   help="guidance scales at which the saved teacher's 32-step samples are scored (none: skip)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=0, help="background processes rendering the training batches")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
-    from megatron_rcm.data.shapes import ShapesDataset, ShapesTextEncoder, train_classifier
-    from megatron_rcm.models import WanModel, save_megatron
+    from megatron_rcm.data.shapes import ShapesDataset, train_classifier
+    from megatron_rcm.diffusion import PowerEMA
+    from megatron_rcm.models import WanModel, from_pretrained, save_megatron
     from megatron_rcm.parallel import initialize_parallel, set_random_seed
     from megatron_rcm.training.config import TINY_SHAPES_DATA, TINY_SHAPES_MODEL
 
-    initialize_parallel()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    initialize_parallel(backend="gloo")  # one process, no collectives; the checkpoint is written from the CPU
     set_random_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    dataset = ShapesDataset(TINY_SHAPES_DATA, seed=args.seed)
-    encoder = ShapesTextEncoder(dim=TINY_SHAPES_MODEL.text_dim)
 
     clf_path = os.path.join(args.out, "shapes-classifier.pt")
     if not os.path.exists(clf_path):
         t0 = time.time()
-        clf = train_classifier(dataset, steps=args.classifier_steps, seed=args.seed, log=print)
+        clf = train_classifier(ShapesDataset(TINY_SHAPES_DATA, seed=args.seed), steps=args.classifier_steps,
+                               seed=args.seed, log=print)
         torch.save(clf.state_dict(), clf_path)
         print(f"classifier saved to {clf_path} ({time.time() - t0:.0f} s)")
 
-    model = WanModel(TINY_SHAPES_MODEL)
-    print(f"teacher: {sum(p.numel() for p in model.parameters()):,} parameters")
+    torch.manual_seed(args.seed)
+    if args.init:
+        model = from_pretrained(args.init, params_dtype=torch.float32, device=device)
+    else:
+        model = WanModel(TINY_SHAPES_MODEL).to(device)
+    ema = PowerEMA(model, args.ema_sigma_rel)
+    print(f"teacher: {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    gen = torch.Generator().manual_seed(args.seed)
+    batches = TeacherBatches(TINY_SHAPES_DATA, TINY_SHAPES_MODEL.text_dim, args.batch_size, args.caption_dropout,
+                             args.seed, args.iterations)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
+                                         prefetch_factor=8 if args.workers else None)
     t0 = time.time()
-    ema_loss = None
-    for it in range(args.iterations):
-        lr = args.lr * min(1.0, (it + 1) / 100) * (0.5 * (1 + math.cos(math.pi * it / args.iterations)) * 0.9 + 0.1)
+    ema_loss, it = None, 0
+    for it, (x0, text, s, eps) in enumerate(loader):
+        elapsed = time.time() - t0
+        progress = max(it / args.iterations, elapsed / args.time_limit if args.time_limit > 0 else 0.0)
+        if progress >= 1.0:
+            break
+        lr = args.lr * min(1.0, (it + 1) / 100) * (0.5 * (1 + math.cos(math.pi * progress)) * 0.9 + 0.1)
         for g in opt.param_groups:
             g["lr"] = lr
-        x0, caps = dataset.batch(range(it * args.batch_size, (it + 1) * args.batch_size))
-        text = encoder.encode(caps)
-        drop = torch.rand(args.batch_size, generator=gen) < args.caption_dropout
-        text[drop] = 0.0
-        # rectified-flow times: logit-normal (SD3) mixed with uniform, so that both ends are trained
-        s = torch.sigmoid(torch.randn(args.batch_size, generator=gen))
-        u = torch.rand(args.batch_size, generator=gen)
-        s = torch.where(torch.rand(args.batch_size, generator=gen) < 0.2, u, s)
-        eps = torch.randn(x0.shape, generator=gen)
+        x0, text, s, eps = (t.to(device, non_blocking=True) for t in (x0, text, s, eps))
         sb = s.view(-1, 1, 1, 1, 1)
-        x_s = (1 - sb) * x0 + sb * eps
-        v = model(x_s, 1000.0 * s, text)
+        v = model((1 - sb) * x0 + sb * eps, 1000.0 * s, text)
         loss = ((v - (eps - x0)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        if it % 50 == 0 or it == args.iterations - 1:
-            el = time.time() - t0
-            print(f"iteration {it:6d}/{args.iterations} | loss {loss.item():.4f} (avg {ema_loss:.4f}) | lr {lr:.2e} | "
-                  f"elapsed {el:.0f} s | ETA {el / (it + 1) * (args.iterations - it - 1):.0f} s", flush=True)
-    save_megatron(model, os.path.join(args.out, "shapes-teacher"))
-    print(f"teacher saved to {os.path.join(args.out, 'shapes-teacher')}")
+        ema.update(model)
+        if it % 200 == 0 or it == args.iterations - 1:
+            value = loss.item()
+            ema_loss = value if ema_loss is None else 0.9 * ema_loss + 0.1 * value
+            print(f"iteration {it:6d}/{args.iterations} | loss {value:.4f} (avg {ema_loss:.4f}) | lr {lr:.2e} | "
+                  f"elapsed {elapsed:.0f} s", flush=True)
+    iterations = it + 1 if it == args.iterations - 1 else it
+    print(f"trained {iterations} iterations in {time.time() - t0:.0f} s")
+    ema.copy_to(model)
+    if args.eval_guidance:
+        scores = score_teacher(model, clf_path, args.eval_guidance, 32, 96, 1234)
+        print(json.dumps({"iterations": iterations, **scores}), flush=True)
+    path = os.path.join(args.out, "shapes-teacher")
+    save_megatron(model.cpu(), path)  # CPU tensors: the checkpoint loads on any machine
+    print(f"teacher (EMA, sigma_rel {args.ema_sigma_rel}) saved to {path}")
 
 
 if __name__ == "__main__":

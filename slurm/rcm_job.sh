@@ -69,7 +69,7 @@ while kill -0 "$SRUN_PID" 2>/dev/null; do
 done
 
 if [ "$STOP" = 1 ] && [ "${REQUEUE:-1}" = 1 ]; then
-    echo "workers stopped (exit $rc); requeueing job $SLURM_JOB_ID: it resumes from the latest checkpoint"
+    echo "workers stopped (exit $rc, $(date -u +%T) UTC); requeueing job $SLURM_JOB_ID: it resumes from the latest checkpoint"
     scontrol requeue "$SLURM_JOB_ID"  # ends this script
     exit 0
 fi

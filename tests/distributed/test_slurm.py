@@ -95,16 +95,27 @@ def _losses(run_dir):
 
 
 @pytest.fixture(scope="module")
-def complete_run(cluster, tmp_path_factory):
-    d = tmp_path_factory.mktemp("slurm-run")
-    run_dir, out = str(d / "run"), str(d / "job.out")
-    job = _sbatch(cluster, run_dir, out)
+def jobs(cluster, tmp_path_factory):
+    """Both jobs at once (their start-ups overlap): an uninterrupted one, and one pre-empted with SIGUSR1 right
+    after its first iteration (`scancel --signal=USR1 --batch`, what `--signal=B:USR1@N` does at the time limit)."""
+    d = tmp_path_factory.mktemp("slurm")
+    runs = {name: (str(d / name / "run"), str(d / f"{name}.out")) for name in ("complete", "preempted")}
+    ids = {name: _sbatch(cluster, run_dir, out) for name, (run_dir, out) in runs.items()}
+    run_dir, out = runs["preempted"]
+    metrics = os.path.join(run_dir, METRICS_FILE)
+    end = time.time() + 300
+    while not (os.path.exists(metrics) and read_metrics(run_dir)):
+        assert time.time() < end and _job(cluster, ids["preempted"])["JobState"] not in DONE, \
+            open(out).read()[-3000:]
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", ids["preempted"]], env=cluster, check=True, timeout=30)
+    return {name: (ids[name], *runs[name]) for name in runs}
+
+
+def test_sbatch_runs_the_tiny_default_to_completion(cluster, jobs):
+    job, run_dir, out = jobs["complete"]
     info = _wait(cluster, job, out)
-    return run_dir, open(out).read(), info
-
-
-def test_sbatch_runs_the_tiny_default_to_completion(complete_run):
-    run_dir, log, info = complete_run
+    log = open(out).read()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert "on 2 node(s) [n[1-2]] x 1 process(es) = world 2" in log
     assert "TP 1 x CP 1 x PP 1 x DP 2 | micro-batch 2 x 1" in log  # the resolved layout, printed at start
@@ -114,16 +125,9 @@ def test_sbatch_runs_the_tiny_default_to_completion(complete_run):
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", latest))
 
 
-def test_preempted_job_requeues_and_resumes_the_same_trajectory(cluster, complete_run, tmp_path):
-    reference, _, _ = complete_run
-    run_dir, out = str(tmp_path / "run"), str(tmp_path / "job.out")
-    job = _sbatch(cluster, run_dir, out)
-    end = time.time() + 200
-    metrics = os.path.join(run_dir, METRICS_FILE)
-    while not (os.path.exists(metrics) and read_metrics(run_dir)):  # the first iteration is done: pre-empt
-        assert time.time() < end and _job(cluster, job)["JobState"] not in DONE, open(out).read()[-3000:]
-        time.sleep(0.05)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True, timeout=30)
+def test_preempted_job_requeues_and_resumes_the_same_trajectory(cluster, jobs):
+    job, run_dir, out = jobs["preempted"]
+    reference_job, reference, reference_out = jobs["complete"]
     info = _wait(cluster, job, out, timeout=300)
     log = open(out).read()  # --open-mode=append: both runs of the job
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
@@ -131,4 +135,5 @@ def test_preempted_job_requeues_and_resumes_the_same_trajectory(cluster, complet
     assert "job %s (restart 1)" % job in log
     resumed_at = int(log.split("resumed from")[1].split("at iteration")[1].split()[0])
     assert 1 <= resumed_at < ITERS, "the signal came after the last iteration: the test did not cut the run"
+    assert _wait(cluster, reference_job, reference_out)["JobState"] == "COMPLETED"
     assert _losses(run_dir) == _losses(reference)  # bitwise: floats compared with ==

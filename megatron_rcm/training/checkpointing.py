@@ -55,6 +55,10 @@ class CheckpointError(ValueError):
     needs a decision). The message is one line that names the file and the way out."""
 
 
+class OldFormatError(CheckpointError):
+    """A checkpoint of the pickle-based format before `megatron-rcm-train/2`: refused, never a reason to fall back."""
+
+
 def checkpoints_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
@@ -250,9 +254,8 @@ def verify(path: str) -> dict:
     """Check a checkpoint directory's files without loading its tensors; returns its meta. Raises CheckpointError
     (damage: one line naming the file), io.UnsafeCheckpointError (a pickle that would run code)."""
     meta_file = os.path.join(path, META)
-    if not os.path.isfile(meta_file) and any(f.startswith("mp_rank_") and f.endswith(".pt")
-                                             for f in _listdir(path)):
-        raise CheckpointError(f"{path} is an old-format checkpoint (per-rank torch pickles, mp_rank_*.pt), which "
+    if any(f.startswith("mp_rank_") and f.endswith(".pt") for f in _listdir(path)):
+        raise OldFormatError(f"{path} is an old-format checkpoint (per-rank torch pickles, mp_rank_*.pt), which "
                               f"cannot be read safely; start a new run (another run_dir) from the teacher")
     meta = _read_json(meta_file)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -307,6 +310,8 @@ def resolve(run_dir: str, resume: bool = True, resume_from: str = "", fallback: 
     try:
         verify(os.path.join(root, name))
         return os.path.join(root, name)
+    except OldFormatError:
+        raise
     except CheckpointError as e:
         if not fallback:
             raise CheckpointError(f"{e}; set training.resume_fallback=true to resume from the newest older "

@@ -1,7 +1,8 @@
 """One interface for "a trainable network + its optimizer + gradient synchronisation + LR schedule".
 
 The loop sees only `Trainable`: `zero_grad()`, forward through `.net`, `backward`, `step() -> StepResult`,
-`state_dict()` / `load_state_dict()`. Two implementations:
+`sharded_state_dict()` / `checkpoint_state()` / `load_checkpoint()` (ShardedTensors under global names + JSON: the
+training checkpoint reshards on load). Two implementations:
 
 - `MegatronTrainable` (CUDA): megatron-core `DistributedDataParallel` (contiguous fp32 grad buffers) +
   `get_megatron_optimizer` (Adam, distributed optimizer over the DP group) + `OptimizerParamScheduler`.

@@ -5,8 +5,9 @@
 - one GPU against the CPU: the megatron path's first losses are those of the CPU/gloo/torch path (the loop draws
   from CPU generators, so a seed gives the same times and noise on both devices; fp32, TF32 off);
 - two GPUs data-parallel = one GPU with 2x gradient accumulation;
-- a checkpoint written on two GPUs (distributed optimizer state gathered DP-size independent) resumes on one and
-  continues the one-GPU trajectory; the EMA is exported through dist_checkpointing.
+- a checkpoint written on two GPUs (the distributed optimizer's state as ShardedTensors under the parameters'
+  global names) resumes on one and continues the one-GPU trajectory, also across a TP change (TP=2 -> TP=1 and
+  TP=1 -> TP=2); the EMA is exported through dist_checkpointing.
 
 Run: pytest -m gpu tests/gpu/test_training_gpu.py (needs 2 GPUs for the last two tests).
 """
@@ -113,6 +114,22 @@ def test_save_on_two_gpus_resume_on_one(tmp_path):
     _train(run, 2, ["training.train_iters=8", "parallel.grad_sync=megatron", "checkpoint.save_interval=4",
                     "checkpoint.exit_after_iteration=5"])
     log = _train(run, 1, ["training.train_iters=8", "parallel.grad_sync=megatron", "checkpoint.save_interval=4"])
+    assert "resumed from" in log and "at iteration 4" in log
+    ref = str(tmp_path / "ref")
+    _train(ref, 1, ["training.train_iters=8", "parallel.grad_sync=megatron"])
+    _assert_same_losses(read_metrics(ref), read_metrics(run), range(5, 9), rel=1e-2)
+
+
+@pytest.mark.parametrize("save_layout, resume_layout", [((2, 2), (1, 1)), ((1, 1), (2, 2))],
+                         ids=["tp2_to_tp1", "tp1_to_tp2"])
+def test_resume_across_a_tensor_parallel_change(tmp_path, save_layout, resume_layout):
+    """(nproc, TP) of the run that saves at iteration 4 and dies at 5, and of the run that resumes it."""
+    _need(2)
+    common = ["training.train_iters=8", "parallel.grad_sync=megatron", "checkpoint.save_interval=4"]
+    run = str(tmp_path / "run")
+    _train(run, save_layout[0], [*common, f"parallel.tensor_model_parallel_size={save_layout[1]}",
+                                 "checkpoint.exit_after_iteration=5"])
+    log = _train(run, resume_layout[0], [*common, f"parallel.tensor_model_parallel_size={resume_layout[1]}"])
     assert "resumed from" in log and "at iteration 4" in log
     ref = str(tmp_path / "ref")
     _train(ref, 1, ["training.train_iters=8", "parallel.grad_sync=megatron"])

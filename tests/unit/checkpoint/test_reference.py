@@ -2,8 +2,7 @@
 patch embedding over patchified tokens) and teacher `.pth` files, into our format and into diffusers."""
 
 import os
-import subprocess
-import sys
+import runpy
 
 import pytest
 import torch
@@ -116,26 +115,24 @@ def test_wrong_network_or_file_is_a_clear_error(release, tmp_path):
         from_pretrained(str(tmp_path / "garbage.pth"))
 
 
-def convert(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), *args],
-                          capture_output=True, text=True)
+CONVERT = runpy.run_path(os.path.join(ROOT, "tools", "convert_checkpoint.py"))["main"]
 
 
-def test_converter_imports_into_megatron_and_diffusers(release, tmp_path):
+def test_converter_imports_into_megatron_and_diffusers(release, tmp_path, capsys):
     root, student, ema = release
-    r = convert("hf-to-mcore", "--model", "wan", "--net", "--input", str(root / "dump.pt"), "--output",
-                str(tmp_path / "mc"))
-    assert r.returncode == 0, r.stderr
-    r = convert("mcore-to-hf", "--model", "wan", "--transformer-only", "--input", str(tmp_path / "mc"), "--output",
-                str(tmp_path / "hf"))
-    assert r.returncode == 0, r.stderr
+    code = CONVERT(["hf-to-mcore", "--model", "wan", "--net", "--input", str(root / "dump.pt"), "--output",
+                    str(tmp_path / "mc")])
+    assert code == 0, capsys.readouterr().err
+    code = CONVERT(["mcore-to-hf", "--model", "wan", "--transformer-only", "--input", str(tmp_path / "mc"),
+                    "--output", str(tmp_path / "hf")])
+    assert code == 0, capsys.readouterr().err
     back = WanTransformer3DModel.from_pretrained(tmp_path / "hf").state_dict()
     assert set(back) == set(student.state_dict())
     assert all(torch.equal(back[k], v) for k, v in student.state_dict().items())
     # straight into a diffusers pipeline folder (components named by the base model: nothing to copy)
-    r = convert("mcore-to-hf", "--model", "wan", "--input", str(root / "rCM_Wan2.1_T2V_tiny.pt"), "--output",
-                str(tmp_path / "pipe"), "--base-pipeline", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-    assert r.returncode == 0, r.stderr
+    code = CONVERT(["mcore-to-hf", "--model", "wan", "--input", str(root / "rCM_Wan2.1_T2V_tiny.pt"), "--output",
+                    str(tmp_path / "pipe"), "--base-pipeline", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"])
+    assert code == 0, capsys.readouterr().err
     assert {"model_index.json", "scheduler", "transformer", "README.md"} <= set(os.listdir(tmp_path / "pipe"))
     back = WanTransformer3DModel.from_pretrained(tmp_path / "pipe" / "transformer").state_dict()
     assert all(torch.equal(back[k], v) for k, v in ema.state_dict().items())

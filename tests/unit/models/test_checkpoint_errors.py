@@ -1,6 +1,8 @@
+import contextlib
+import io
 import os
-import subprocess
-import sys
+import runpy
+import types
 
 import pytest
 import torch
@@ -11,9 +13,15 @@ from megatron_rcm.models import from_pretrained
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-def convert(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), *args],
-                          capture_output=True, text=True)
+CONVERT = runpy.run_path(os.path.join(ROOT, "tools", "convert_checkpoint.py"))["main"]
+
+
+def convert(*args) -> types.SimpleNamespace:
+    """The converter's main() in this process (a subprocess per call costs seconds of imports)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = CONVERT(list(args))
+    return types.SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
 @pytest.fixture(scope="module")

@@ -195,3 +195,13 @@ def test_the_run_lock_names_its_holder(tmp_path):
     finally:
         first.release()
     checkpointing.RunLock(str(tmp_path)).acquire()  # free again once released
+
+
+def test_an_old_format_checkpoint_is_refused_in_one_line(tmp_path):
+    root = _run_dir(tmp_path, [2, 4], latest="iter_0000004")
+    for i in (2, 4):
+        (tmp_path / "checkpoints" / f"iter_{i:07d}" / "mp_rank_00_000_00.pt").write_bytes(b"old pickle")
+    with pytest.raises(checkpointing.OldFormatError, match=r"iter_0000004 is an old-format checkpoint \(per-rank "
+                                                            r"torch pickles, mp_rank_\*\.pt\)"):
+        checkpointing.resolve(str(tmp_path))
+    assert checkpointing.complete_checkpoints(root) == ["iter_0000002", "iter_0000004"]

@@ -7,7 +7,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 
 
 def load_script(relative: str):
-    """A script of the repository (tools/, examples/) as a module, to call its main() in-process."""
+    """A script of the repository (tools/, examples/) as a module, to call its functions in this process."""
     path = os.path.join(ROOT, relative)
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
     module = importlib.util.module_from_spec(spec)

@@ -129,8 +129,8 @@ def inspect_checkpoint(path: str, model: str | None = None, preset: str | None =
             raise ValueError(
                 f"{path} is not a supported checkpoint: expected a diffusers model folder (config.json with "
                 f"_class_name in {{{expected}}}), a diffusers pipeline folder (model_index.json + transformer/), "
-                f"an original Wan-AI release (config.json with dim/num_heads + safetensors) or a megatron-rcm "
-                f"checkpoint ({io.HEADER})")
+                f"an original Wan-AI release (config.json with dim/num_heads + safetensors), a megatron-rcm "
+                f"checkpoint ({io.HEADER}) or an rCM reference .pt/.pth file")
     if model is not None and arch.name != model:
         raise ValueError(f"{path} holds a {arch.name} model, not {model}")
     return arch, config, kind, directory

@@ -4,6 +4,7 @@ reproduces our own 4-step sampler."""
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,22 +33,26 @@ def random_student(seed=0):
     return net.eval()
 
 
-@pytest.fixture(scope="module")
-def base_pipeline(tmp_path_factory):
-    """A local base Wan pipeline folder (tiny VAE, text encoder, tokenizer, a teacher transformer)."""
+def save_base_pipeline(root) -> str:
+    """A local base Wan pipeline folder under `root` (tiny VAE, text encoder, tokenizer, a teacher transformer)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    root = tmp_path_factory.mktemp("parts")
-    vae = save_tiny_vae(str(root))
-    save_tiny_text_encoder(str(root))
+    parts = os.path.join(root, "parts")
+    vae = save_tiny_vae(parts)
+    save_tiny_text_encoder(parts)
     teacher = WanTransformer3DModel(**{k: v for k, v in TINY.to_diffusers().items() if k != "_class_name"})
-    pipe = WanPipeline(tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
-                       text_encoder=UMT5EncoderModel.from_pretrained(root / "text_encoder"), vae=vae,
+    pipe = WanPipeline(tokenizer=AutoTokenizer.from_pretrained(os.path.join(parts, "tokenizer")),
+                       text_encoder=UMT5EncoderModel.from_pretrained(os.path.join(parts, "text_encoder")), vae=vae,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=teacher)
-    base = tmp_path_factory.mktemp("base") / "Wan-tiny-Diffusers"
+    base = os.path.join(root, "Wan-tiny-Diffusers")
     pipe.save_pretrained(base)
     return base
+
+
+@pytest.fixture(scope="module")
+def base_pipeline(tmp_path_factory):
+    return Path(save_base_pipeline(str(tmp_path_factory.mktemp("base"))))
 
 
 def test_rcm_times_match_our_sampler():
@@ -65,23 +70,25 @@ def test_rcm_times_match_our_sampler():
         sched.set_timesteps(5)
 
 
-def _sample_both(export, base_pipeline, steps, batch=2, seed=3):
+def sample_both(export, base_pipeline, steps, batch=2, seed=3, device="cpu"):
+    """(WanPipeline's latents, student_sample's) from the same noise and generator seed."""
     from diffusers import WanPipeline
 
     from megatron_rcm.models.encoders import TextEncoderConfig, UMT5TextEncoder
 
-    net = random_student()
-    pipe = WanPipeline.from_pretrained(export)
+    net = random_student().to(device)
+    pipe = WanPipeline.from_pretrained(export).to(device)
     assert isinstance(pipe.scheduler, RCMScheduler)
     prompts = TINY_SENTENCES[:batch]
-    noise = torch.randn(batch, 16, 2, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    noise = torch.randn(batch, 16, 2, 4, 4, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64).to(device)
     pipe.scheduler.generator = torch.Generator().manual_seed(seed + 1)
     theirs = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=1.0, height=32, width=32, num_frames=5,
                   latents=(noise * pipe.scheduler.init_noise_sigma).float(), max_sequence_length=TEXT_LEN,
                   output_type="latent").frames
-    encoder = UMT5TextEncoder.from_pretrained(base_pipeline, dtype=torch.float32,
+    encoder = UMT5TextEncoder.from_pretrained(base_pipeline, dtype=torch.float32, device=device,
                                               config=TextEncoderConfig(max_length=TEXT_LEN))
-    ours = student_sample(TrigFlowWrapper(net, 1000.0), noise, encoder(prompts), steps,
+    ours = student_sample(TrigFlowWrapper(net, 1000.0), noise, encoder(prompts).to(device), steps,
                           generator=torch.Generator().manual_seed(seed + 1))
     return theirs, ours
 
@@ -96,12 +103,12 @@ def test_wan_pipeline_reproduces_our_4_step_sample(tmp_path, base_pipeline):
     card = (export / "README.md").read_text()
     assert "987.7, 782.7, 609.0, 406.2" in card and "lambda (DMD weight / sCM weight): 0.01" in card
     assert "Training iterations: 600" in card and "pretrain_rcm.py --config wan.yaml" in card
-    theirs, ours = _sample_both(export, base_pipeline, 4)
+    theirs, ours = sample_both(export, base_pipeline, 4)
     assert ours.abs().max() > 0.1  # a real sample, not a degenerate one
     err = (theirs.double() - ours).abs().max().item()
     assert err < 1e-5, err
     # and the steps differ from each other: 2 steps is another sample
-    theirs2, ours2 = _sample_both(export, base_pipeline, 2)
+    theirs2, ours2 = sample_both(export, base_pipeline, 2)
     assert (theirs2.double() - ours2).abs().max().item() < 1e-5
     assert (ours2 - ours).abs().max().item() > 1e-2
 

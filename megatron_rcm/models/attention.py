@@ -1,7 +1,7 @@
 """Scaled dot-product attention and its forward-mode derivative (JVP).
 
 All tensors are laid out ``[B, H, S, D]`` with arbitrary strides (the DiT passes permuted views of its
-``[S, B, H, D]`` activations). Four entry points:
+``[S, B, H, D]`` activations). Entry points:
 
 * :func:`attention` — plain attention for passes without tangents, on the fastest backend available.
 * :func:`attention_jvp` — ``(o, to, lse, mu)`` for the no-grad JVP pass: the Triton FlashAttention-2
@@ -27,12 +27,15 @@ import os
 import torch
 import torch.nn.functional as F
 
+from megatron_rcm.models.fusion import fused
+
 __all__ = [
     "attention",
     "attention_jvp",
     "math_attention",
     "math_attention_jvp",
     "merge_attention_partials",
+    "merge_attention_pair",
     "attention_with_lse",
     "attention_block_backward",
     "attention_backend",
@@ -277,33 +280,36 @@ def merge_attention_partials(parts: list[AttentionJVPResult] | tuple[AttentionJV
     """
     if len(parts) == 0:
         raise ValueError("nothing to merge")
-    if len(parts) == 1:
-        return tuple(parts[0])
-    tangents = parts[0][1] is not None
-    out_dtype = parts[0][0].dtype
-    cdt = torch.float64 if parts[0][2].dtype == torch.float64 else torch.float32
-    lses = torch.stack([p[2].to(cdt) for p in parts])
-    lse = torch.logsumexp(lses, dim=0)
-    # Rows where every part is empty keep lse = -inf; give them zero weights instead of NaN.
-    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    weights = torch.exp(lses - safe_lse)
-    o = torch.zeros(parts[0][0].shape, dtype=cdt, device=parts[0][0].device)
-    if not tangents:
-        for (o_b, _, _, _), w in zip(parts, weights):
-            w_ = w.unsqueeze(-1)
-            o = o + w_ * torch.where(w_ > 0, o_b.to(cdt), 0.0)
-        return o.to(out_dtype), None, lse, None
-    mus = torch.stack([torch.where(w > 0, p[3].to(cdt), torch.zeros_like(w)) for p, w in zip(parts, weights)])
-    mu = (weights * mus).sum(dim=0)
-    to = torch.zeros_like(o)
-    for (o_b, to_b, _, _), w, mu_b in zip(parts, weights, mus):
-        w_ = w.unsqueeze(-1)
-        live = w_ > 0
-        o_b = torch.where(live, o_b.to(cdt), 0.0)
-        to_b = torch.where(live, to_b.to(cdt), 0.0)
-        o = o + w_ * o_b
-        to = to + w_ * (to_b + (mu_b - mu).unsqueeze(-1) * o_b)
-    return o.to(out_dtype), to.to(out_dtype), lse, mu
+    # merging pairwise is exact: the running (o, to, lse, mu) is itself the result over the blocks so far
+    return functools.reduce(merge_attention_pair, parts[1:], tuple(parts[0]))
+
+
+@fused
+def _merge_pair(o1, to1, lse1, mu1, o2, to2, lse2, mu2):
+    cdt = torch.float64 if lse1.dtype == torch.float64 else torch.float32
+    l1, l2 = lse1.to(cdt), lse2.to(cdt)
+    lse = torch.logaddexp(l1, l2)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w1, w2 = torch.exp(l1 - safe), torch.exp(l2 - safe)
+    w1_, w2_ = w1.unsqueeze(-1), w2.unsqueeze(-1)
+    a1 = torch.where(w1_ > 0, o1.to(cdt), 0.0)
+    a2 = torch.where(w2_ > 0, o2.to(cdt), 0.0)
+    o = w1_ * a1 + w2_ * a2
+    if to1 is None:
+        return o.to(o1.dtype), None, lse, None
+    m1 = torch.where(w1 > 0, mu1.to(cdt), 0.0)
+    m2 = torch.where(w2 > 0, mu2.to(cdt), 0.0)
+    mu = w1 * m1 + w2 * m2
+    t1 = torch.where(w1_ > 0, to1.to(cdt), 0.0)
+    t2 = torch.where(w2_ > 0, to2.to(cdt), 0.0)
+    to = w1_ * (t1 + (m1 - mu).unsqueeze(-1) * a1) + w2_ * (t2 + (m2 - mu).unsqueeze(-1) * a2)
+    return o.to(o1.dtype), to.to(o1.dtype), lse, mu
+
+
+def merge_attention_pair(running: AttentionJVPResult, part: AttentionJVPResult) -> AttentionJVPResult:
+    """`merge_attention_partials([running, part])` as one fused elementwise region on CUDA (each tensor read
+    once): the ring's per-step merge. Plain parts carry ``to = mu = None``."""
+    return _merge_pair(*running, *part)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ Self-attention under CP (`context_parallel_attention`, `context_parallel_attenti
   stacked in one collective, o and its tangent in one on the way back.
 - **ring**: each rank keeps its queries; the K/V blocks (stacked with their tangents) travel around the ring
   by point-to-point messages, the next block's transfer posted before the current block's attention runs;
-  partial results are merged exactly by their log-sum-exp (`attention.merge_attention_partials`: `(o, lse)` for
+  partial results are merged exactly by their log-sum-exp (`attention.merge_attention_pair`: `(o, lse)` for
   plain passes, `(o, to, lse, mu)` for the JVP pass). With autograd the ring has its own backward
   (`_RingAttention`): per K/V block the ordinary attention backward against the merged `o` and LSE, with the
   block's dK/dV travelling on around the ring back to their owner.
@@ -246,7 +246,7 @@ def _valid_keys(block: torch.Tensor, split: TokenSplit, owner: int) -> torch.Ten
 def ring_attention_jvp(q, k, v, tq, tk, tv, split: TokenSplit, scale: float | None = None):
     """(o, to) of this rank's queries [B, H, S_local, D] over every rank's keys, K/V and their tangents passed
     around the ring in one message per step, partials merged by (lse, mu). No autograd."""
-    from megatron_rcm.models.attention import attention_jvp, merge_attention_partials
+    from megatron_rcm.models.attention import attention_jvp, merge_attention_pair
 
     with torch.no_grad():
         kv = torch.stack([k, v, torch.zeros_like(k) if tk is None else tk, torch.zeros_like(v) if tv is None else tv])
@@ -257,13 +257,13 @@ def ring_attention_jvp(q, k, v, tq, tk, tv, split: TokenSplit, scale: float | No
                 continue
             part = attention_jvp(q, block[0], block[1], tq, block[2], block[3], scale=scale, out_dtype=torch.float32
                                  if q.dtype in (torch.float16, torch.bfloat16) else None)
-            acc = part if acc is None else merge_attention_partials([acc, part])
+            acc = part if acc is None else merge_attention_pair(acc, part)
         return acc[0].to(q.dtype), acc[1].to(q.dtype)
 
 
 def _ring_forward(q, k, v, split: TokenSplit, scale):
     """Merged (o [compute dtype], lse) of this rank's queries over all K/V blocks."""
-    from megatron_rcm.models.attention import attention_with_lse, merge_attention_partials
+    from megatron_rcm.models.attention import attention_with_lse, merge_attention_pair
 
     acc = None
     for owner, block in _ring_blocks(torch.stack([k, v]), split):
@@ -272,7 +272,7 @@ def _ring_forward(q, k, v, split: TokenSplit, scale):
             continue
         o, lse = attention_with_lse(q, block[0], block[1], scale=scale)
         part = (o, None, lse, None)
-        acc = part if acc is None else merge_attention_partials([acc, part])
+        acc = part if acc is None else merge_attention_pair(acc, part)
     return acc[0], acc[2]
 
 

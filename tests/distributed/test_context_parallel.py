@@ -28,7 +28,7 @@ def _wan_case(preset_or_config, shape):
     from wan_reference import diffusers_wan, inputs, megatron_state_dict
 
     from megatron_rcm.checkpoint import wan as wan_keys
-    from megatron_rcm.models.wan import PRESETS, WanModel
+    from megatron_rcm.models.wan import PRESETS
 
     config = PRESETS[preset_or_config] if isinstance(preset_or_config, str) else preset_or_config
     with float64_diffusers():
@@ -45,14 +45,12 @@ def _wan_case(preset_or_config, shape):
                              megatron_state_dict(ref),
                              lambda: wan_keys.hf_to_mcore({n: p.grad for n, p in ref.named_parameters()},
                                                           config.num_attention_heads),
-                             lambda **m: WanModel(config, params_dtype=F64, **m))
+                             ("wan", config))
 
 
 def _cosmos_case(config, shape, video2world=False):
     from cosmos_reference import diffusers_cosmos, float64_cosmos, inputs, megatron_grads, megatron_state_dict, reference
     from cosmos_reference import reference_jvp
-
-    from megatron_rcm.models.cosmos import CosmosModel
 
     with float64_cosmos():
         ref = diffusers_cosmos(config, dtype=F64)
@@ -67,11 +65,10 @@ def _cosmos_case(config, shape, video2world=False):
     with float64_cosmos():
         return _expectations(ref, lambda x, t: reference(ref, x, t, text, **kw),
                              lambda tx, tt: reference_jvp(ref, x, t, text, tx, tt, **kw), x, t, text, kw,
-                             megatron_state_dict(ref), lambda: megatron_grads(ref),
-                             lambda **m: CosmosModel(config, params_dtype=F64, **m))
+                             megatron_state_dict(ref), lambda: megatron_grads(ref), ("cosmos", config))
 
 
-def _expectations(ref, run, run_jvp, x, t, text, kw, state_dict, ref_grads, build):
+def _expectations(ref, run, run_jvp, x, t, text, kw, state_dict, ref_grads, model):
     g = torch.Generator().manual_seed(7)
     w = torch.randn(x.shape, generator=g, dtype=F64)
     ref.zero_grad()
@@ -81,8 +78,17 @@ def _expectations(ref, run, run_jvp, x, t, text, kw, state_dict, ref_grads, buil
     tt = 100 * torch.randn(t.shape, generator=g, dtype=F64)
     tangents = {"latents": (tx, torch.zeros_like(t)), "timestep": (torch.zeros_like(x), tt), "both": (tx, tt)}
     jvps = {name: run_jvp(*pair) for name, pair in tangents.items()}
-    return dict(x=x, t=t, text=text, kw=kw, w=w, out=out.detach(), grads=ref_grads(), tangents=tangents, jvps=jvps,
-                state_dict=state_dict, build=build)
+    return dict(x=x, t=t, text=text, kw=kw, w=w, out=out.detach(), grads=ref_grads(), tangents=tangents,
+                jvps={k: tuple(v.detach() for v in pair) for k, pair in jvps.items()},
+                state_dict={k: v.detach() for k, v in state_dict.items()}, model=model)
+
+
+def _build(case, **kw):
+    from megatron_rcm.models.cosmos import CosmosModel
+    from megatron_rcm.models.wan import WanModel
+
+    kind, config = case["model"]
+    return {"wan": WanModel, "cosmos": CosmosModel}[kind](config, params_dtype=F64, **kw)
 
 
 def _check(case, comm, sp, label):
@@ -93,7 +99,7 @@ def _check(case, comm, sp, label):
     from megatron_rcm.parallel.context import sum_context_parallel_grads
 
     x, t, text, kw, w = case["x"], case["t"], case["text"], case["kw"], case["w"]
-    model = case["build"](sequence_parallel=sp, cp_comm=comm)
+    model = _build(case, sequence_parallel=sp, cp_comm=comm)
     load_full_state_dict(model, case["state_dict"])
     layout = model.token_layout(x.shape)
     split = layout.split
@@ -143,7 +149,7 @@ def _check_layout_helpers(case):
     from megatron_rcm.diffusion.reduce import per_sample_sum, process_group_sum
     from megatron_rcm.parallel import cp_group, cp_size
 
-    model = case["build"]()
+    model = _build(case)
     x = case["x"]
     layout = model.token_layout(x.shape)
     total = torch.tensor([layout.real_tokens])
@@ -175,10 +181,10 @@ def _bad_inputs():
         WanModel(PRESETS["wan-tiny"])(*inputs(1, 1, 2, 6))
 
 
-def _check_all():
+def _cases():
+    """The single-process diffusers references, computed once in the test process."""
     from megatron_rcm.models.cosmos import PRESETS as COSMOS
     from megatron_rcm.models.wan import PRESETS as WAN
-    from megatron_rcm.parallel import initialize_parallel
 
     shape = (2, 3, 6, 6)  # 27 tokens: padding at CP 2 and 4
     wan_three_heads = dataclasses.replace(WAN["wan-tiny"], num_attention_heads=3)
@@ -193,6 +199,13 @@ def _check_all():
         "cosmos-3heads": _cosmos_case(cosmos_three_heads, shape),
         "cosmos-v2w": _cosmos_case(cosmos_v2w, shape, video2world=True),
     }
+    return cases
+
+
+def _check_all(cases):
+    from megatron_rcm.models.wan import PRESETS as WAN
+    from megatron_rcm.parallel import initialize_parallel
+
     plan = [
         # (TP, CP, [(case, cp_comm, sequence parallel)])
         (1, 2, [("wan", "a2a", False), ("wan", "ring", False), ("wan-3heads", "auto", False),
@@ -219,4 +232,4 @@ def _check_all():
 
 
 def test_context_parallel_matches_diffusers():
-    run_on_ranks(_check_all, 4)
+    run_on_ranks(_check_all, 4, _cases())

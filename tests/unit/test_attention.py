@@ -9,8 +9,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_rcm.models.attention import (
     attention,
+    attention_block_backward,
     attention_jvp,
+    attention_with_lse,
+    math_attention,
     math_attention_jvp,
+    merge_attention_pair,
     merge_attention_partials,
 )
 
@@ -126,6 +130,55 @@ def test_merge_of_split_kv_reproduces_full_attention(with_kv_tangent):
     merged3 = merge_attention_partials([part(7, sk), part(0, 3), part(3, 7)])
     for name, m, f in zip(("o", "to", "lse", "mu"), merged3, full):
         assert _rel(m, f) < 1e-13, (name, _rel(m, f))
+
+
+@pytest.mark.parametrize("tangents", [True, False], ids=["jvp", "plain"])
+def test_pairwise_merge_of_ring_steps_reproduces_full_attention(tangents):
+    """The ring merges one block at a time (`merge_attention_pair`); plain parts carry (o, lse) only."""
+    gen = torch.Generator().manual_seed(16)
+    b, h, sq, sk, d = 1, 2, 5, 12, 8
+    q, tq = _bhsd(gen, b, h, sq, d), _bhsd(gen, b, h, sq, d)
+    k, v, tk, tv = (_bhsd(gen, b, h, sk, d) for _ in range(4))
+    k[:, :, 4:8] *= 3.0
+    full = math_attention_jvp(q, k, v, tq, tk, tv)
+    running = None
+    for lo, hi in ((4, 8), (0, 4), (8, 12)):
+        sl = slice(lo, hi)
+        if tangents:
+            part = math_attention_jvp(q, k[:, :, sl], v[:, :, sl], tq, tk[:, :, sl], tv[:, :, sl])
+        else:
+            o, lse = attention_with_lse(q, k[:, :, sl], v[:, :, sl])
+            part = (o, None, lse, None)
+        running = part if running is None else merge_attention_pair(running, part)
+    names = ("o", "to", "lse", "mu") if tangents else ("o", None, "lse", None)
+    for name, m, f in zip(names, running, full):
+        if name is not None:
+            assert _rel(m, f) < 1e-13, (name, _rel(m, f))
+    if not tangents:
+        assert running[1] is None and running[3] is None
+
+
+def test_block_backwards_against_merged_statistics_sum_to_the_full_gradient():
+    """Ring backward rule: per K/V block, the attention backward with the merged o and LSE; dq summed over the
+    blocks, dk/dv per block, equal autograd through the full attention (float64)."""
+    gen = torch.Generator().manual_seed(17)
+    b, h, sq, sk, d = 2, 2, 6, 10, 8
+    q = _bhsd(gen, b, h, sq, d).requires_grad_()
+    k = _bhsd(gen, b, h, sk, d).requires_grad_()
+    v = _bhsd(gen, b, h, sk, d).requires_grad_()
+    do = _bhsd(gen, b, h, sq, d)
+    math_attention(q, k, v).backward(do)
+    with torch.no_grad():
+        o, lse = attention_with_lse(q, k, v)
+        assert _rel(o, math_attention(q, k, v)) < 1e-14
+        assert _rel(lse, torch.logsumexp(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)) < 1e-14
+        dq = torch.zeros_like(q)
+        for lo, hi in ((0, 3), (3, 10)):
+            dq_b, dk_b, dv_b = attention_block_backward(do, q, k[:, :, lo:hi], v[:, :, lo:hi], o, lse)
+            dq += dq_b
+            assert _rel(dk_b, k.grad[:, :, lo:hi]) < 1e-12
+            assert _rel(dv_b, v.grad[:, :, lo:hi]) < 1e-12
+        assert _rel(dq, q.grad) < 1e-12
 
 
 def test_merge_ignores_empty_parts():

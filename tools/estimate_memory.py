@@ -3,11 +3,15 @@
     python tools/estimate_memory.py --config examples/configs/wan2.1-t2v-14b-480p.yaml --gpus 64
     python tools/estimate_memory.py --config examples/configs/wan2.1-t2v-1.3b-480p.yaml model.activation_checkpointing=false
     python tools/estimate_memory.py --config FILE [key=value ...] --gpu-memory 80GiB --json
+    python tools/estimate_memory.py --probe --measure 6 training.micro_batch_size=2   # on a GPU: estimate vs measured
 
 Prints the layout, the resident memory (weights of the four networks, EMA, gradients, optimizer state), the peak
 activations of each pass, the peak per step kind (what torch.cuda.max_memory_allocated reports), a fits / does not
 fit verdict per GPU size, and the smallest layouts that fit on the given number of GPUs. Without --gpu-memory the
 verdicts are for 80 GB (H100 / A100) and 141 GB (H200) cards. `--json`: the same as one JSON object.
+`--probe` starts from the scale probe's settings (Wan2.1-1.3B, 480p x 81, random weights and data, one micro-batch
+per GPU); `--measure N` then also runs N real training iterations on this GPU and prints the measured peaks next to
+the estimate (torch.cuda.max_memory_allocated; run under torchrun for several GPUs).
 """
 
 import argparse
@@ -37,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--gpu-memory", type=parse_memory, default=None, help="memory of one GPU, e.g. 80GiB")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--brief", action="store_true", help="layout, peaks and verdicts only (job scripts)")
+    p.add_argument("--probe", action="store_true", help="start from the scale probe's settings")
+    p.add_argument("--measure", type=int, default=0, metavar="N",
+                   help="also run N training iterations on this GPU and print the measured peaks")
     return p.parse_args(argv)
 
 
@@ -48,8 +55,14 @@ def main(argv=None):
     from megatron_rcm.training.config import ConfigError, load_config
     from megatron_rcm.training.memory import GiB, estimate, smallest_fitting
 
+    overrides = list(args.overrides)
+    if args.probe:
+        from megatron_rcm.training.scale_probe import PROBE
+
+        mb = [o.split("=", 1)[1] for o in overrides if o.startswith("training.micro_batch_size=")] or ["1"]
+        overrides = PROBE + ["run_dir=runs/memory-probe", f"training.global_batch_size={mb[-1]}"] + overrides
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, overrides)
         p = config.parallel
         gpus = args.gpus or p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size
         est = estimate(config, gpus)
@@ -57,8 +70,11 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     cards = {f"{args.gpu_memory / GiB:.1f} GiB": args.gpu_memory / GiB} if args.gpu_memory else CARDS
     fitting = {name: smallest_fitting(config, gpus, gib * GiB) for name, gib in cards.items()}
+    measured = _measure(config, args.measure) if args.measure else None
     if args.json:
         out = est.to_dict(args.gpu_memory)
+        if measured is not None:
+            out["measured_peak_gib"] = measured
         out["gpus"] = gpus
         out["verdicts"] = {name: est.fits(gib * GiB) for name, gib in cards.items()}
         out["smallest_fitting"] = {name: [e.layout.overrides() for e in rows] for name, rows in fitting.items()}
@@ -80,6 +96,11 @@ def main(argv=None):
     print("  peak per step (max_memory_allocated): " +
           " | ".join(f"{k} {v:.2f} GiB" for k, v in est.peak_gib.items()) +
           f" | needed with allocator overhead and CUDA context: {est.needed / GiB:.2f} GiB")
+    if measured is not None:
+        for kind, gib in measured.items():
+            ratio = f"estimate / measured {est.peak_gib[kind] / gib:.3f}" if isinstance(gib, float) else ""
+            print(f"  measured peak, {kind} step: {gib if isinstance(gib, str) else f'{gib:.2f} GiB'} | estimate "
+                  f"{est.peak_gib.get(kind, float('nan')):.2f} GiB {ratio}")
     for name, gib in cards.items():
         verdict = "fits" if est.fits(gib * GiB) else "does NOT fit"
         print(f"  {name} GPU ({gib:.1f} GiB): {verdict}")
@@ -90,6 +111,23 @@ def main(argv=None):
             print(f"    no layout of {gpus} GPU(s) fits")
         for e in rows:
             print(f"    fits: {e.layout.describe()} -> {e.needed / GiB:.1f} GiB  ({e.layout.overrides()})")
+
+
+def _measure(config, iterations: int) -> dict:
+    """Measured peaks in GiB per step kind; 'out of memory' where the GPU ran out."""
+    import torch
+
+    from megatron_rcm.parallel import destroy_parallel
+    from megatron_rcm.training.memory import GiB, measure
+
+    if not torch.cuda.is_available():
+        sys.exit("error: --measure needs a GPU (the estimate itself needs none)")
+    try:
+        return {k: v / GiB for k, v in measure(config, iterations).items()}
+    except torch.cuda.OutOfMemoryError as e:
+        return {"student": "out of memory", "critic": "out of memory", "error": str(e).splitlines()[0]}
+    finally:
+        destroy_parallel()
 
 
 if __name__ == "__main__":

@@ -56,18 +56,20 @@ class LoaderBatches(_Batches):
     """Latent shards or encoded videos (megatron_rcm.data.build_data_loader), one loader per DP rank."""
 
     def __init__(self, config: TrainingConfig, dp_rank: int, dp_size: int, device):
+        from megatron_rcm.checkpoint.negative_prompt import load_negative_embedding
         from megatron_rcm.data.sources import DataConfig, build_data_loader
 
         super().__init__(config, dp_rank, dp_size, device)
         d, t = config.data, config.training
         if not d.negative_text_embedding or not os.path.isfile(d.negative_text_embedding):
-            raise FileNotFoundError(f"data.negative_text_embedding must name a torch file with the negative prompt's "
-                                    f"embedding [L, text_dim], got {d.negative_text_embedding!r}")
+            raise FileNotFoundError(f"data.negative_text_embedding must name a .pt or .safetensors file with the "
+                                    f"negative prompt's embedding [L, text_dim] (tools/encode_negative_prompt.py "
+                                    f"writes one), got {d.negative_text_embedding!r}")
         self.loader = build_data_loader(
             DataConfig(source=d.source, path=d.path, batch_size=t.micro_batch_size, seed=t.seed, model=d.model,
                        frames=d.frames, height=d.height, width=d.width), dp_rank=dp_rank, dp_size=dp_size,
             device=device)
-        self.neg = torch.load(d.negative_text_embedding, map_location="cpu").float()
+        self.neg = load_negative_embedding(d.negative_text_embedding).float()  # never unpickles code
 
     def negative_text(self) -> torch.Tensor:
         neg = self.neg if self.neg.dim() == 3 else self.neg[None]

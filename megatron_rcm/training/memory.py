@@ -331,3 +331,25 @@ def preflight(config: TrainingConfig, world_size: int, gpu_memory_bytes: float |
     raise ConfigError(f"memory estimate {est.needed / GiB:.1f} GiB per GPU ({kind} step, {est.layout.describe()}) "
                       f"exceeds the GPU's {gpu_memory_bytes / GiB:.1f} GiB; {hint} (tools/estimate_memory.py "
                       f"explains the estimate; training.skip_memory_check=true runs anyway)")
+
+
+def measure(config: TrainingConfig, iterations: int = 6) -> dict:
+    """Measured peak bytes per step kind on this process's GPU: the real `Trainer.train_step` (what the scale probe
+    runs), `torch.cuda.max_memory_allocated` per iteration (reset before each), the largest per kind, leaving out each
+    kind's first iteration (Adam's state is created in its first step) where there is a later one. Run it with the
+    world size of the estimate (e.g. under torchrun)."""
+    import torch
+
+    from megatron_rcm.training.trainer import Trainer
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("measuring the peak memory needs a GPU")
+    trainer = Trainer(config)
+    peaks: dict = {}
+    for it in range(iterations):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        phase = trainer.train_step(it)["phase"]
+        torch.cuda.synchronize()
+        peaks.setdefault(phase, []).append(torch.cuda.max_memory_allocated())
+    return {phase: max(v[1:] if len(v) > 1 else v) for phase, v in peaks.items()}

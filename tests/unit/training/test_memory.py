@@ -156,3 +156,21 @@ def test_preflight_refuses_a_layout_that_cannot_fit_in_one_line():
     memory.preflight(config, 1, None)  # no GPU: no check
     config.training.skip_memory_check = True  # the trainer's switch (read with getattr)
     memory.preflight(config, 1, 80 * GiB)
+
+
+def _table_under_tp(expected_total, expected_sharded):
+    from megatron_rcm.parallel import state
+
+    state.initialize_parallel(2, 1, 1)  # the trainer's situation when it runs the pre-flight: TP 2 already set up
+    memory._TABLES.clear()
+    table = memory.parameter_table("wan-shapes-tiny", "float32")
+    assert table.total == expected_total
+    assert table.local(1, 1, 0) - table.local(2, 1, 0) == expected_sharded / 2
+
+
+@pytest.mark.distributed
+def test_parameter_table_is_the_full_model_under_tensor_parallelism():
+    from megatron_rcm.parallel.launch import run_on_ranks
+
+    table = memory.parameter_table("wan-shapes-tiny", "float32")
+    run_on_ranks(_table_under_tp, 2, table.total, 2 * (table.local(1, 1, 0) - table.local(2, 1, 0)))

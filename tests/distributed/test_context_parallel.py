@@ -2,7 +2,7 @@
 all-to-all and ring attention, against diffusers' single-process model in float64.
 
 Every case has a token count the CP size does not divide (padding); the ring cases include head counts it does not
-divide. Checked per case: the forward, the JVP along the latents, the timestep and both (against torch.func.jvp over
+divide. Checked per case: the forward with and without autograd, the JVP along the latents, the timestep and both (against torch.func.jvp over
 diffusers: exact merge rule), the gradients of every parameter after one backward through the public API and
 through the sharded entry point (summed over CP, gathered over TP), and the sharded layout's helpers.
 """
@@ -113,6 +113,8 @@ def _check(case, comm, sp, label):
     hook.remove()
     assert seen == [split.chunk // (tp_size() if model.sequence_parallel else 1)], (label, seen)
     assert relative_error(out.detach(), case["out"]) <= 1e-6, f"{label} forward"
+    with torch.no_grad():  # the plain pass (teacher, critic targets): no autograd Function on the ring
+        assert relative_error(model(x, t, text, **kw), case["out"]) <= 1e-6, f"{label} no-grad forward"
 
     def check_grads(what):
         sum_context_parallel_grads(model, cp_group())

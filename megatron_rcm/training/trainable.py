@@ -264,9 +264,10 @@ class MegatronTrainable(Trainable):
         grad_norm = float("nan") if grad_norm is None else float(grad_norm)
         return StepResult(grad_norm, int(nan.item()), self.lr, skipped=not ok)
 
-    _SHARDING = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+    _SHARDING = {"distrib_optim_sharding_type": "fully_sharded_model_space", "chained_optim_avoid_prefix": True}
     """Each parameter's optimizer state (fp32 main weights, Adam's moments) is a ShardedTensor under the
-    parameter's global name, this DP rank's flat range of it: reshardable over TP and DP without a gather."""
+    parameter's global name, this DP rank's flat range of it: reshardable over TP and DP without a gather. No
+    `chained_N.` prefix: the key does not depend on which of the chained optimizers (param-group kinds) holds it."""
 
     def sharded_state_dict(self, prefix: str, state: dict | None = None) -> dict:
         loading = state is not None

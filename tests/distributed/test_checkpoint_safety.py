@@ -177,7 +177,8 @@ def _alive(pid):
 
 def test_one_job_per_run_dir_and_no_worker_outlives_the_launcher(tmp_path):
     run = str(tmp_path / "run")
-    cmd = _torchrun(2, [*F64, f"run_dir={run}", "training.train_iters=400", "checkpoint.save_interval=2"])
+    cmd = _torchrun(2, [*F64, f"run_dir={run}", "training.train_iters=400", "checkpoint.save_interval=2",
+                           "checkpoint.keep_last=0"])
     first = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         metrics = os.path.join(run, METRICS_FILE)
@@ -196,7 +197,9 @@ def test_one_job_per_run_dir_and_no_worker_outlives_the_launcher(tmp_path):
         line = second.stderr.strip().splitlines()[-1]
         assert f"{run} is in use by another job (host " in line and " pid " in line, line
         assert int(line.split(" pid ")[1].split(";")[0]) in workers  # the first job's rank 0
-        assert took < 60
+        # it stops before any model is built: what it costs is the imports (seconds on an idle machine; 75 s were
+        # seen with the first job training and other test suites on the same 2 cores)
+        assert "rCM:" not in second.stdout and took < 150
         assert set(before) <= set(checkpointing.complete_checkpoints(root))
         for name in before:
             checkpointing.verify(os.path.join(root, name))
@@ -216,7 +219,7 @@ def test_one_job_per_run_dir_and_no_worker_outlives_the_launcher(tmp_path):
     (["logging.log_interval=0"], "logging.log_interval must be >= 1, got 0"),
     (["data.frames=0"], "data.frames must be >= 1, got 0"),
     (["optimizer.adam_beta2=1.0"], "optimizer.adam_beta2 must be in [0, 1), got 1.0"),
-    (["--config", "{bad_yaml}"], "bad.yaml: YAML syntax error at line 2"),
+    (["--config", "{bad_yaml}"], "bad.yaml: YAML syntax error at line 3, column 1: expected ',' or ']'"),
     (["training.micro_batch_size=4"], "training.micro_batch_size: 8 -> 4"),
     (["model.params_dtype=float32"], "model.params_dtype: 'float64' -> 'float32'"),
     (["training.resume=false"], "training.resume=false but"),

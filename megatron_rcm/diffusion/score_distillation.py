@@ -86,17 +86,22 @@ def dmd_gradient(
     t: Optional[torch.Tensor] = None,
     noise_fn: Optional[NoiseFn] = None,
     sum_fn: Optional[SumFn] = None,
+    numel: Optional[float] = None,
 ) -> DMDGradient:
     """Re-noise the student's sample at t_D ~ p_D and compare the critic's (fake) and the guided teacher's (real)
     x0 predictions. The per-sample normaliser mean|x0_student - x0_teacher| (clipped at `dmd_norm_clip`) is global
-    across CP shards through `sum_fn`. Everything in float64."""
+    across CP shards through `sum_fn`. Everything in float64.
+
+    `numel`: a sample's real element count over all shards; by default the shards' sizes summed through `sum_fn`,
+    which counts padding - pass the real count when the shards are padded (sharded tokens, zeros on padding)."""
     x0_student = x0_student.detach().double()
     if t is None:
         t = sample_p_D(x0_student.shape[0], config.dmd_time_shift, generator, x0_student.device)
     x_t = trigflow_noise(x0_student, _noise(x0_student, generator, noise_fn), t)
     x0_critic = critic(x_t, t, text).x0
     x0_teacher = teacher.guided(x_t, t, text, neg_text, config.guidance).x0
-    numel = per_sample_numel(x0_student, sum_fn)
+    if numel is None:
+        numel = per_sample_numel(x0_student, sum_fn)
     scale = per_sample_sum((x0_student - x0_teacher).abs(), sum_fn) / numel
     scale = scale.clamp(min=config.dmd_norm_clip) / config.dmd_gradient_scale(numel)
     grad = (x0_critic - x0_teacher) / expand_as_sample(scale, x0_student)

@@ -130,6 +130,8 @@ class TrainingLoopConfig:
     (and say so); false: refuse."""
     allow_config_change: bool = False
     """Accept (and log) a resume with a different micro-batch size, dtype or model than the checkpoint's."""
+    skip_memory_check: bool = False
+    """Start even when the memory estimate (`tools/estimate_memory.py`) says the layout does not fit the GPUs."""
 
 
 @dataclass

@@ -25,7 +25,7 @@ from megatron_rcm.checkpoint import io as checkpoint_io
 from megatron_rcm.models import build_model, from_pretrained
 from megatron_rcm.models.loading import ARCHITECTURES, config_to_dict, inspect_checkpoint, save_megatron
 from megatron_rcm.parallel import state
-from megatron_rcm.training import checkpointing
+from megatron_rcm.training import checkpointing, memory
 from megatron_rcm.training.config import ConfigError, TrainingConfig, check_ranges, dump_config, model_preset
 from megatron_rcm.training.data import build_batches
 from megatron_rcm.training.logger import TrainingLogger, append_metrics
@@ -172,6 +172,9 @@ class Trainer:
         self.dp_rank = state.dp_rank()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
+        # before any network is built: a layout that cannot fit the GPUs is one line, not an OOM minutes later
+        memory.preflight(c, dist.get_world_size(), torch.cuda.get_device_properties(self.device).total_memory
+                         if self.device.type == "cuda" else None)
         torch.manual_seed(c.training.seed)  # model init of random-weight runs; same on all ranks
         self.schedule = D.PhaseSchedule(c.rcm)
         self.log = TrainingLogger(c.run_dir, self.rank == 0, c.logging.tensorboard, c.training.train_iters,

@@ -8,7 +8,9 @@ For fixed prompts and fixed noise, the student's (and the EMA's) 1-, 2- and 4-st
   that is cleaner than a poor teacher is far from the teacher but close to the data);
 - `spread`: mean pairwise feature distance between samples of the same prompt (different noise), i.e. diversity
   over noise; a mode-collapsed student has spread ~0 while its alignment can stay high. `spread_ratio` is it
-  divided by the teacher's spread.
+  divided by the teacher's spread;
+- `off_palette`: share of pixels in none of the data's colours (speckle; 0 on data), which the classifier's
+  features ignore because it is trained with additive noise.
 The teacher's reference samples (and its own scores) are computed once per run.
 """
 
@@ -126,6 +128,7 @@ class ShapesEvaluator:
             "feature_distance_to_data": shapes.feature_distance(self.teacher_features, self.real_features),
             "data_alignment": shapes.alignment_score(self.classifier, real, self.prompts),
             "spread": shapes.feature_spread(self.teacher_features, self.prompts),
+            "off_palette": shapes.off_palette_share(self.teacher_samples),
             "data_spread": shapes.feature_spread(self.real_features, self.prompts),
         }
 
@@ -149,6 +152,7 @@ class ShapesEvaluator:
         return {f"alignment{suffix}": shapes.alignment_score(self.classifier, x, self.prompts),
                 f"feature_distance{suffix}": shapes.feature_distance(feats, self.teacher_features),
                 f"feature_distance_to_data{suffix}": shapes.feature_distance(feats, self.real_features),
+                f"off_palette{suffix}": shapes.off_palette_share(x),
                 f"spread{suffix}": spread,
                 f"spread_ratio{suffix}": spread / max(self.teacher_metrics["spread"], 1e-12)}
 

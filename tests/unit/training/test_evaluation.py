@@ -16,7 +16,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 SHORT = ["training.train_iters=6", "rcm.tangent_warmup=2", "logging.eval_interval=6", "logging.eval_samples=12",
          "logging.teacher_eval_steps=3", "checkpoint.save_at_end=false", "checkpoint.save_interval=0",
          "training.global_batch_size=4", "training.micro_batch_size=4"]
-FIELDS = ("alignment", "feature_distance", "feature_distance_to_data", "spread", "spread_ratio")
+FIELDS = ("alignment", "feature_distance", "feature_distance_to_data", "spread", "spread_ratio", "off_palette")
 
 
 def _eval_scalars(run_dir):
@@ -46,7 +46,7 @@ def two_runs(tmp_path_factory):
 def test_shortened_tiny_default_logs_every_field_and_is_deterministic(two_runs):
     a, b = two_runs
     expected = {f"eval/teacher/{k}" for k in ("alignment", "feature_distance_to_data", "spread", "data_spread",
-                                              "data_alignment")}
+                                              "data_alignment", "off_palette")}
     expected |= {f"eval/{net}/{k}_{n}step" for net in ("ema", "student") for k in FIELDS for n in (1, 2, 4)}
     assert expected <= set(a), expected - set(a)
     assert a == b  # same seed: the same numbers, to the last bit
@@ -85,3 +85,11 @@ def test_labeled_grid_places_upscaled_frames_under_their_prompt():
     assert black[rows.min():rows.max() + 1, cols.max() + 1:].sum() >= 48 * 48  # the last frame, right of them
     with pytest.raises(ValueError, match="row '1 step'"):
         labeled_grid({"1 step": videos[:1]}, prompts)
+
+
+def test_off_palette_share_is_zero_on_data_and_counts_speckle():
+    videos, _ = shapes.ShapesDataset(seed=0).batch(range(4))
+    assert shapes.off_palette_share(videos) == 0.0
+    noisy = videos.clone()
+    noisy[:, :, :, :8] = 0.5  # half of every frame grey-ish: 0.5 from the background, off every colour
+    assert shapes.off_palette_share(noisy) == pytest.approx(0.5)

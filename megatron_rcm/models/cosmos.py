@@ -329,20 +329,26 @@ class CosmosModel(DiTModel):
     'a2a' | 'ring', how self-attention crosses the context-parallel ranks.
     """
 
+    _first_stage_modules = ("patch_embedding",)
+    _last_stage_modules = ("head_adaln", "head")
+
     def __init__(self, config: CosmosConfig, params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                 perform_initialization: bool = True, cp_comm: str = "auto"):
-        super().__init__(config, params_dtype, sequence_parallel, perform_initialization, cp_comm)
+                 perform_initialization: bool = True, cp_comm: str = "auto", pipeline_layers=None):
+        super().__init__(config, params_dtype, sequence_parallel, perform_initialization, cp_comm, pipeline_layers)
         high = self.high_dtype
         h = config.hidden_size
-        self.patch_embedding = torch.nn.Linear(config.patch_in_channels * math.prod(config.patch_size), h, bias=False,
-                                               dtype=params_dtype)
+        if self.stage.is_first:
+            self.patch_embedding = torch.nn.Linear(config.patch_in_channels * math.prod(config.patch_size), h,
+                                                   bias=False, dtype=params_dtype)
         self.grid_max = tuple(s // p for s, p in zip(config.max_size, config.patch_size))
         if config.extra_pos_embed_type == "learnable":
             self.extra_pos_embedding = LearnablePositionEmbedding(h, self.grid_max, config.eps, high)
         self.time_embedding = TimeEmbedding(h, config.eps, high)
-        self.blocks = torch.nn.ModuleList(CosmosBlock(config, self.cfg, high) for _ in range(config.num_layers))
-        self.head_adaln = AdaLNLoRA(h, config.adaln_lora_dim, 2, high)
-        self.head = torch.nn.Linear(h, config.out_channels * math.prod(config.patch_size), bias=False, dtype=high)
+        self.blocks = self._build_blocks(lambda: CosmosBlock(config, self.cfg, high))
+        if self.stage.is_last:
+            self.head_adaln = AdaLNLoRA(h, config.adaln_lora_dim, 2, high)
+            self.head = torch.nn.Linear(h, config.out_channels * math.prod(config.patch_size), bias=False, dtype=high)
+        self._finish_stage()
 
     # ----------------------------------------------------------------------------------------------
     def _check_inputs(self, latents, timestep, text, condition_mask=None, padding_mask=None, fps=None):

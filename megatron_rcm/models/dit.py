@@ -21,6 +21,7 @@ loop, so that no rank holds a full-sequence activation of any block.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -29,8 +30,26 @@ from megatron.core import tensor_parallel
 
 from megatron_rcm.models import tangent as T
 from megatron_rcm.models.blocks import parallel_config
-from megatron_rcm.parallel import state
+from megatron_rcm.parallel import pipeline, state
 from megatron_rcm.parallel.context import TokenSplit, resolve_cp_comm, token_split
+
+
+def pack_stage_tensor(x: torch.Tensor, tx: torch.Tensor | None) -> torch.Tensor:
+    """What travels between pipeline stages: the activation, or [2, ...] activation and tangent stacked (JVP)."""
+    return x if tx is None else torch.stack([x, tx.to(x.dtype)])
+
+
+def unpack_stage_tensor(t: torch.Tensor, tangent: bool):
+    """The inverse of `pack_stage_tensor`: (x, tx or None)."""
+    return (t[0], t[1]) if tangent else (t, None)
+
+
+def _zero_padding(y, ty, split: TokenSplit):
+    """Head output tokens with padding set to zero, so that per-sample sums over tokens need no mask."""
+    if split.valid == split.chunk:
+        return y, ty
+    keep = split.mask(y.device)[None, :, None]
+    return y * keep, (None if ty is None else ty * keep)
 
 
 def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
@@ -101,6 +120,52 @@ class TokenLayout:
         return _noise
 
 
+@dataclasses.dataclass(frozen=True)
+class PipelineStage:
+    """This rank's pipeline stage: which blocks it owns (global indices [first_layer, first_layer + num_layers))
+    and whether it holds the patch embedding (first) and the head (last)."""
+
+    rank: int
+    size: int
+    layers: tuple[int, ...]
+    """Blocks per stage (all stages)."""
+
+    @property
+    def first_layer(self) -> int:
+        return sum(self.layers[:self.rank])
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers[self.rank]
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+
+class StageBlocks(torch.nn.Module):
+    """The blocks of one pipeline stage under their global names (`blocks.{i}` for block i of the full model), so
+    that checkpoints by name do not depend on the pipeline layout. Iterates and indexes locally."""
+
+    def __init__(self, blocks, first: int):
+        super().__init__()
+        for i, block in enumerate(blocks):
+            self.add_module(str(first + i), block)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __getitem__(self, i: int):
+        return list(self._modules.values())[i]
+
+
 class DiTModel(torch.nn.Module):
     """Skeleton of a DiT on megatron-core layers; Wan and Cosmos fill in the hooks.
 
@@ -108,10 +173,21 @@ class DiTModel(torch.nn.Module):
     ('auto': a2a when the CP size divides the heads of a tensor-parallel rank, else ring).
     Under CP every rank's parameter gradients cover its own tokens: sum them over the CP group (megatron's DDP
     over data x context parallel ranks does; `parallel.context.sum_context_parallel_grads` elsewhere).
+
+    Under pipeline parallelism (megatron's pipeline group) this rank builds its stage only (`self.stage`): a
+    contiguous run of blocks (`pipeline_layers`: blocks per stage, default balanced), the patch embedding on the
+    first stage and the head on the last; the time and text embeddings on every stage (marked
+    `pipeline_replicated`: sum their gradients over the pipeline group, `parallel.pipeline.sum_pipeline_grads`).
+    Parameter names are the full model's.
     """
 
+    _first_stage_modules: tuple[str, ...] = ()
+    """Modules only the first pipeline stage holds (the patch embedding)."""
+    _last_stage_modules: tuple[str, ...] = ()
+    """Modules (or parameters) only the last pipeline stage holds (the head)."""
+
     def __init__(self, config, params_dtype: torch.dtype, sequence_parallel: bool, perform_initialization: bool,
-                 cp_comm: str = "auto"):
+                 cp_comm: str = "auto", pipeline_layers=None):
         super().__init__()
         state.ensure_parallel()
         self.config = config
@@ -121,6 +197,36 @@ class DiTModel(torch.nn.Module):
         self.cp_comm = cp_comm
         self._check_cp_comm()
         self._rope_cache = {}
+        pp = state.pp_size()
+        if pipeline_layers is not None and pp == 1 and list(pipeline_layers) != [config.num_layers]:
+            raise ValueError(f"pipeline_layers {list(pipeline_layers)} given without pipeline parallelism "
+                             f"(pipeline_model_parallel_size=1); leave it unset")
+        self.stage = PipelineStage(state.pp_rank(), pp,
+                                   tuple(pipeline.stage_layers(config.num_layers, pp, pipeline_layers)))
+        self._input_tensor = None
+
+    def _build_blocks(self, make_block):
+        """This stage's blocks under their global names (a plain ModuleList without pipeline parallelism)."""
+        st = self.stage
+        if st.size == 1:
+            return torch.nn.ModuleList(make_block() for _ in range(st.num_layers))
+        return StageBlocks([make_block() for _ in range(st.num_layers)], st.first_layer)
+
+    def _finish_stage(self) -> None:
+        """Subclasses call this at the end of construction: marks the parameters every stage holds a copy of."""
+        if self.stage.size == 1:
+            return
+        own = ("blocks",) + self._first_stage_modules + self._last_stage_modules
+        for name, p in self.named_parameters():
+            if name.split(".")[0] not in own:
+                p.pipeline_replicated = True
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """What megatron's pipeline schedules call before a non-first stage's forward: the previous stage's output
+        (a tensor, or a one-element list), read by the next `stage_forward`."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0] if input_tensor else None
+        self._input_tensor = input_tensor
 
     # ---------------------------------------------------------------------------------------------- hooks
     def _check_inputs(self, latents, timestep, text, **kw) -> tuple[int, int, int]:
@@ -199,11 +305,11 @@ class DiTModel(torch.nn.Module):
         return self._rope_cache[key]
 
     # ---------------------------------------------------------------------------------------------- the run
-    def _tokens_run(self, tokens, ttokens, timestep, ttimestep, text, full, split: TokenSplit, **kw):
-        """Patch tokens of this CP rank [B, S_local, C*p] -> head output [B, S_local, C_out*p] (and tangents).
-        `full` is the full latent shape [B, C, T, H, W]."""
-        b = tokens.shape[0]
-        grid = tuple(s // p for s, p in zip(full[2:], self.config.patch_size))
+    def _grid(self, full) -> tuple[int, int, int]:
+        return tuple(s // p for s, p in zip(full[2:], self.config.patch_size))
+
+    def _embed_tokens(self, tokens, ttokens, full, split: TokenSplit, **kw):
+        """First stage: patch tokens of this CP rank [B, S_local, C*p] -> residual stream [S_res, B, h]."""
         dtype = self.cfg.params_dtype
         tokens = tokens.to(dtype)
         ttokens = None if ttokens is None else ttokens.to(dtype)
@@ -218,20 +324,51 @@ class DiTModel(torch.nn.Module):
         if self.sequence_parallel:
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)
             tx = None if tx is None else tensor_parallel.scatter_to_sequence_parallel_region(tx)
+        return x, tx
 
-        cond = self._conditioning(timestep, ttimestep, b, grid, split, **kw)
-        context = self._context(text, dtype)
-        rope = self._rope(grid, split, tokens.device, **self._rope_kwargs(**kw))
-        cp = split if split.size > 1 else None
-        for block in self.blocks:
-            x, tx = block(x, tx, cond, rope, context, cp)
-
+    def _head_tokens(self, x, tx, cond, split: TokenSplit):
+        """Last stage: residual stream -> head output [B, S_local, C_out*p]."""
         if self.sequence_parallel:
             # the head runs replicated on the CP chunk: its gradient must be split, not reduce-scattered
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
             tx = None if tx is None else tensor_parallel.gather_from_sequence_parallel_region(
                 tx, tensor_parallel_output_grad=False)
         return self._head(x, tx, cond, split)
+
+    def _stage_run(self, tokens, ttokens, x, tx, timestep, ttimestep, text, full, split: TokenSplit, **kw):
+        """This pipeline stage of a pass: patch tokens (first stage) or the previous stage's residual stream
+        (`x`, `tx`) -> the residual stream after this stage's blocks, or the head output on the last stage.
+        `full` is the full latent shape [B, C, T, H, W]."""
+        grid = self._grid(full)
+        if self.stage.is_first:
+            x, tx = self._embed_tokens(tokens, ttokens, full, split, **kw)
+        cond = self._conditioning(timestep, ttimestep, full[0], grid, split, **kw)
+        context = self._context(text, self.cfg.params_dtype)
+        rope = self._rope(grid, split, x.device, **self._rope_kwargs(**kw))
+        cp = split if split.size > 1 else None
+        for block in self.blocks:
+            x, tx = block(x, tx, cond, rope, context, cp)
+        if not self.stage.is_last:
+            return x, tx
+        return self._head_tokens(x, tx, cond, split)
+
+    def _tokens_run(self, tokens, ttokens, timestep, ttimestep, text, full, split: TokenSplit, **kw):
+        """Patch tokens of this CP rank [B, S_local, C*p] -> head output [B, S_local, C_out*p] (and tangents),
+        on every pipeline stage (the stages run as a chain, the last one's output broadcast)."""
+        if self.stage.size == 1:
+            return self._stage_run(tokens, ttokens, None, None, timestep, ttimestep, text, full, split, **kw)
+        tangent = ttimestep is not None
+        x = tx = None
+        if not self.stage.is_first:
+            x = pipeline.receive_activation(torch.is_grad_enabled())
+            x, tx = unpack_stage_tensor(x, tangent)
+        out = pack_stage_tensor(*self._stage_run(tokens, ttokens, x, tx, timestep, ttimestep, text, full, split,
+                                                 **kw))
+        if self.stage.is_last:
+            pipeline.broadcast_from_last(out)
+        else:
+            out = pipeline.send_to_next_and_wait_output(out)
+        return unpack_stage_tensor(out, tangent)
 
     def _rope_kwargs(self, **kw) -> dict:
         """The call's keyword arguments that change the RoPE tables."""
@@ -263,12 +400,7 @@ class DiTModel(torch.nn.Module):
         if tokens.dim() != 3 or tokens.shape[:2] != (layout.shape[0], split.chunk):
             raise ValueError(f"tokens must be this rank's [B={layout.shape[0]}, {split.chunk}, C*p] "
                              f"(TokenLayout.shard), got {tuple(tokens.shape)}")
-        y, ty = self._tokens_run(tokens, ttokens, timestep, ttimestep, text, full, split, **kw)
-        if split.valid < split.chunk:
-            # padding returns zeros, so that per-sample sums over tokens need no mask
-            keep = split.mask(y.device)[None, :, None]
-            y = y * keep
-            ty = None if ty is None else ty * keep
+        y, ty = _zero_padding(*self._tokens_run(tokens, ttokens, timestep, ttimestep, text, full, split, **kw), split)
         return y.to(tokens.dtype), (None if ty is None else ty.to(tokens.dtype))
 
     # ---------------------------------------------------------------------------------------------- sharded API
@@ -284,3 +416,51 @@ class DiTModel(torch.nn.Module):
         with torch.no_grad():
             tt, tts = T.input_tangents(tokens, timestep, tokens_tangent, timestep_tangent)
             return self._sharded_run(tokens, timestep, text, layout, tt, tts, **kw)
+
+    # ---------------------------------------------------------------------------------------------- stage API
+    def stage_activation_shape(self, layout: TokenLayout, jvp: bool = False) -> tuple[int, ...]:
+        """Shape of what a non-last stage sends on (megatron's schedules' `tensor_shape`): the residual stream
+        [S_res, B, h] (S_res: this rank's CP chunk, divided by TP under sequence parallelism), with a leading 2
+        in the JVP pass (activation and tangent stacked)."""
+        s = layout.split.chunk // (self.cfg.tensor_model_parallel_size if self.sequence_parallel else 1)
+        shape = (s, layout.shape[0], self.config.hidden_size)
+        return (2, *shape) if jvp else shape
+
+    def stage_forward(self, tokens, timestep, text, layout: TokenLayout, hidden=None, jvp: bool = False,
+                      tokens_tangent=None, timestep_tangent=None, **kw):
+        """One pipeline stage of a sharded pass, for a pipeline schedule to drive (no communication here).
+
+        `tokens`: this rank's patch tokens (`layout.shard(latents)`; read on the first stage only, may be None
+        elsewhere). `hidden`: the previous stage's output on later stages (default: what `set_input_tensor`
+        gave). Returns, on a non-last stage, the activation for the next stage (`[S_res, B, h]`, or `[2, S_res,
+        B, h]` with its tangent when `jvp`); on the last stage what `forward_tokens` / `jvp_tokens` return
+        (velocity tokens, zeros on padding; with `jvp` the pair). `jvp` runs without autograd; every stage
+        needs `timestep_tangent` there (default zeros), only the first `tokens_tangent`."""
+        st = self.stage
+        if hidden is None and not st.is_first:
+            hidden = self._input_tensor
+            if hidden is None:
+                raise ValueError(f"pipeline stage {st.rank} needs the previous stage's output: pass hidden= or call "
+                                 f"set_input_tensor first")
+        full = tuple(layout.shape)
+        self._check_inputs(torch.empty(full, device="meta"), timestep, text, **kw)
+        with torch.no_grad() if jvp else contextlib.nullcontext():
+            ttokens = ttimestep = None
+            if jvp:
+                ttimestep = (torch.zeros_like(timestep, dtype=torch.promote_types(timestep.dtype, torch.float32))
+                             if timestep_tangent is None else timestep_tangent)
+                if st.is_first:
+                    ttokens = torch.zeros_like(tokens) if tokens_tangent is None else tokens_tangent
+            x = tx = None
+            if not st.is_first:
+                x, tx = unpack_stage_tensor(hidden, jvp)
+            elif tokens.dim() != 3 or tokens.shape[:2] != (full[0], layout.split.chunk):
+                raise ValueError(f"tokens must be this rank's [B={full[0]}, {layout.split.chunk}, C*p] "
+                                 f"(TokenLayout.shard), got {tuple(tokens.shape)}")
+            out = self._stage_run(tokens, ttokens, x, tx, timestep, ttimestep, text, full, layout.split, **kw)
+            if not st.is_last:
+                return pack_stage_tensor(*out)
+            y, ty = _zero_padding(*out, layout.split)
+            dtype = self.cfg.params_dtype if tokens is None else tokens.dtype
+            y = y.to(dtype)
+            return (y, ty.to(dtype)) if jvp else y

@@ -17,6 +17,7 @@ from megatron_rcm.checkpoint.sharding import full_state_dict, load_full_state_di
 from megatron_rcm.models.cosmos import CosmosConfig, CosmosModel
 from megatron_rcm.models.wan import WanConfig, WanModel
 from megatron_rcm.parallel import state
+from megatron_rcm.parallel.pipeline import gather_pipeline_state_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +79,56 @@ def _device_context(device):
 
 
 def build_model(arch: Architecture, config, params_dtype=torch.float32, sequence_parallel=False, device=None,
-                perform_initialization=True):
+                perform_initialization=True, pipeline_layers=None):
+    """This rank's part of the model in the current parallel layout (its pipeline stage under PP)."""
     state.ensure_parallel()
     if device is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
+    kw = {} if pipeline_layers is None else {"pipeline_layers": pipeline_layers}
     with _device_context(device):
         return arch.model_cls(config, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
-                              perform_initialization=perform_initialization)
+                              perform_initialization=perform_initialization, **kw)
+
+
+def _stage_state_dict(net: torch.nn.Module, full_sd: dict, source: str) -> dict:
+    """Under pipeline parallelism: the tensors of this stage out of a full-model state dict (names are global).
+    Names of no stage (a wrong checkpoint) stay, so the stage's check reports them."""
+    if state.pp_size() == 1:
+        return full_sd
+    own = set(dict(net.named_parameters()))
+    stage_only = ("blocks",) + net._first_stage_modules + net._last_stage_modules
+    other_stage = lambda k: k not in own and k.split(".")[0] in stage_only
+    return {k: v for k, v in full_sd.items() if not other_stage(k)}
+
+
+def _load_megatron(net: torch.nn.Module, directory: str) -> None:
+    if state.pp_size() == 1:
+        io.load_model(net, directory)
+        return
+    from megatron_rcm.checkpoint.sharding import check_state_dict
+
+    shapes = {k: torch.empty(s, device="meta") for k, s in io.tensor_shapes(directory).items()}
+    mine = dict(net.named_parameters())
+    check_state_dict(net, {k: v for k, v in shapes.items() if k in mine}, f"checkpoint {directory}")
+    empty = {n: torch.empty_like(p) for n, p in mine.items()}
+    loaded = io.load_sharded(io.sharded_state_dict(net, tensors=empty), directory)
+    with torch.no_grad():
+        for name, p in mine.items():
+            p.copy_(loaded[name])
+
+
+def _pipeline_sharded_state_dict(net: torch.nn.Module) -> dict:
+    """io.sharded_state_dict with the copies of replicated parameters on later stages marked as replicas (only
+    the first stage's is written)."""
+    sharded = io.sharded_state_dict(net)
+    rank = state.pp_rank()
+    if rank == 0:
+        return sharded
+    params = dict(net.named_parameters())
+    for key, sh in sharded.items():
+        if getattr(params[key], "pipeline_replicated", False):
+            sharded[key] = dataclasses.replace(sh, replica_id=(rank, *sh.replica_id[1:]))
+    return sharded
 
 
 ORIGINAL_PICKLE = "model.pt"
@@ -173,30 +217,41 @@ def read_full_state_dict(arch: Architecture, config, kind: str, directory: str,
 
 def from_pretrained(path: str, *, params_dtype: torch.dtype = torch.bfloat16, sequence_parallel: bool = False,
                     device=None, model: str | None = None, preset: str | None = None,
-                    network: str | None = None) -> torch.nn.Module:
+                    network: str | None = None, pipeline_layers=None) -> torch.nn.Module:
     """Load a DiT in the current parallel layout (a one-process layout is set up if none exists).
 
     `path`: a diffusers model folder (the `transformer` folder of a pipeline, or the pipeline folder itself), an
     original Wan-AI release folder, an original Cosmos-Predict2 release folder (`model.pt`; give `preset`), a
     megatron-rcm checkpoint, or a `.pt` / `.pth` file of the rCM reference (a released student: `network` 'ema' or
     'net', default the EMA if present; a teacher file). `model` ('wan', 'cosmos') checks the family.
+    Under pipeline parallelism each rank builds and loads its stage (`pipeline_layers`: blocks per stage).
     """
     state.ensure_parallel()
     arch, config, kind, directory = inspect_checkpoint(path, model, preset, network)
-    net = build_model(arch, config, params_dtype, sequence_parallel, device, perform_initialization=False)
+    net = build_model(arch, config, params_dtype, sequence_parallel, device, perform_initialization=False,
+                      pipeline_layers=pipeline_layers)
     if kind == "megatron":
-        io.load_model(net, directory)
+        _load_megatron(net, directory)
     else:
-        load_full_state_dict(net, read_full_state_dict(arch, config, kind, directory, network),
-                             f"checkpoint {directory}")
+        source = f"checkpoint {directory}"
+        sd = read_full_state_dict(arch, config, kind, directory, network)
+        load_full_state_dict(net, _stage_state_dict(net, sd, source), source)
     return net
 
 
 def save_megatron(net: torch.nn.Module, path: str) -> None:
     """Write a megatron-rcm checkpoint of `net` (every rank calls this)."""
     arch = architecture_of(net)
-    io.save_model(net, path, {"model": arch.name, "config": config_to_dict(net.config),
-                              "params_dtype": str(next(net.parameters()).dtype)})
+    header = {"model": arch.name, "config": config_to_dict(net.config),
+              "params_dtype": str(next(net.parameters()).dtype)}
+    if state.pp_size() == 1:
+        io.save_model(net, path, header)
+        return
+    tmp = io.atomic_dir(path)
+    io.save_sharded(_pipeline_sharded_state_dict(net), tmp)
+    if torch.distributed.get_rank() == 0:
+        io.write_header(tmp, header)
+    io.commit_dir(tmp, path)
 
 
 def save_diffusers(net: torch.nn.Module, path: str, dtype: torch.dtype | None = None,
@@ -210,7 +265,7 @@ def save_diffusers(net: torch.nn.Module, path: str, dtype: torch.dtype | None = 
     if pipeline is not None and arch.name != "wan":
         raise ValueError(f"pipeline export is implemented for Wan students only, not {arch.name}; "
                          f"write the transformer folder alone (no pipeline / --transformer-only)")
-    write_diffusers(arch, net.config, full_state_dict(net), path, dtype, pipeline)
+    write_diffusers(arch, net.config, gather_pipeline_state_dict(full_state_dict(net)), path, dtype, pipeline)
 
 
 def write_diffusers(arch: Architecture, config, sd: dict[str, torch.Tensor], path: str,

@@ -153,19 +153,25 @@ class WanModel(DiTModel):
     'ring', how self-attention crosses the context-parallel ranks.
     """
 
+    _first_stage_modules = ("patch_embedding",)
+    _last_stage_modules = ("head", "head_modulation")
+
     def __init__(self, config: WanConfig, params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                 perform_initialization: bool = True, cp_comm: str = "auto"):
-        super().__init__(config, params_dtype, sequence_parallel, perform_initialization, cp_comm)
+                 perform_initialization: bool = True, cp_comm: str = "auto", pipeline_layers=None):
+        super().__init__(config, params_dtype, sequence_parallel, perform_initialization, cp_comm, pipeline_layers)
         high = self.high_dtype
         h = config.hidden_size
-        self.patch_embedding = torch.nn.Conv3d(config.in_channels, h, config.patch_size, config.patch_size,
-                                               dtype=params_dtype)
+        if self.stage.is_first:
+            self.patch_embedding = torch.nn.Conv3d(config.in_channels, h, config.patch_size, config.patch_size,
+                                                   dtype=params_dtype)
         self.time_embedding = TimestepEmbedding(config.freq_dim, h, high)
         self.time_projection = torch.nn.Linear(h, 6 * h, dtype=high)
         self.text_embedding = TextProjection(config.text_dim, h, params_dtype)
-        self.blocks = torch.nn.ModuleList(WanBlock(config, self.cfg, high) for _ in range(config.num_layers))
-        self.head = torch.nn.Linear(h, config.out_channels * math.prod(config.patch_size), dtype=high)
-        self.head_modulation = torch.nn.Parameter(torch.randn(1, 2, h, dtype=high) / h**0.5)
+        self.blocks = self._build_blocks(lambda: WanBlock(config, self.cfg, high))
+        if self.stage.is_last:
+            self.head = torch.nn.Linear(h, config.out_channels * math.prod(config.patch_size), dtype=high)
+            self.head_modulation = torch.nn.Parameter(torch.randn(1, 2, h, dtype=high) / h**0.5)
+        self._finish_stage()
 
     # ----------------------------------------------------------------------------------------------
     def _check_inputs(self, latents, timestep, text, **kw):

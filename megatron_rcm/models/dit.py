@@ -35,13 +35,15 @@ from megatron_rcm.parallel.context import TokenSplit, resolve_cp_comm, token_spl
 
 
 def pack_stage_tensor(x: torch.Tensor, tx: torch.Tensor | None) -> torch.Tensor:
-    """What travels between pipeline stages: the activation, or [2, ...] activation and tangent stacked (JVP)."""
-    return x if tx is None else torch.stack([x, tx.to(x.dtype)])
+    """What travels between pipeline stages: the residual stream [S, B, h], or in the JVP pass activation and
+    tangent stacked along the batch, [S, 2B, h] (megatron's schedules' (sequence, micro-batch, hidden) buffers
+    then carry the pair with micro_batch_size 2B)."""
+    return x if tx is None else torch.cat([x, tx.to(x.dtype)], dim=1)
 
 
 def unpack_stage_tensor(t: torch.Tensor, tangent: bool):
     """The inverse of `pack_stage_tensor`: (x, tx or None)."""
-    return (t[0], t[1]) if tangent else (t, None)
+    return tuple(t.chunk(2, dim=1)) if tangent else (t, None)
 
 
 def _zero_padding(y, ty, split: TokenSplit):
@@ -360,7 +362,7 @@ class DiTModel(torch.nn.Module):
         tangent = ttimestep is not None
         x = tx = None
         if not self.stage.is_first:
-            x = pipeline.receive_activation(torch.is_grad_enabled())
+            x = pipeline.receive_activation()
             x, tx = unpack_stage_tensor(x, tangent)
         out = pack_stage_tensor(*self._stage_run(tokens, ttokens, x, tx, timestep, ttimestep, text, full, split,
                                                  **kw))
@@ -420,11 +422,10 @@ class DiTModel(torch.nn.Module):
     # ---------------------------------------------------------------------------------------------- stage API
     def stage_activation_shape(self, layout: TokenLayout, jvp: bool = False) -> tuple[int, ...]:
         """Shape of what a non-last stage sends on (megatron's schedules' `tensor_shape`): the residual stream
-        [S_res, B, h] (S_res: this rank's CP chunk, divided by TP under sequence parallelism), with a leading 2
-        in the JVP pass (activation and tangent stacked)."""
+        [S_res, B, h] (S_res: this rank's CP chunk, divided by TP under sequence parallelism), [S_res, 2B, h] in
+        the JVP pass (activation and tangent stacked along the batch)."""
         s = layout.split.chunk // (self.cfg.tensor_model_parallel_size if self.sequence_parallel else 1)
-        shape = (s, layout.shape[0], self.config.hidden_size)
-        return (2, *shape) if jvp else shape
+        return (s, layout.shape[0] * (2 if jvp else 1), self.config.hidden_size)
 
     def stage_forward(self, tokens, timestep, text, layout: TokenLayout, hidden=None, jvp: bool = False,
                       tokens_tangent=None, timestep_tangent=None, **kw):
@@ -432,8 +433,8 @@ class DiTModel(torch.nn.Module):
 
         `tokens`: this rank's patch tokens (`layout.shard(latents)`; read on the first stage only, may be None
         elsewhere). `hidden`: the previous stage's output on later stages (default: what `set_input_tensor`
-        gave). Returns, on a non-last stage, the activation for the next stage (`[S_res, B, h]`, or `[2, S_res,
-        B, h]` with its tangent when `jvp`); on the last stage what `forward_tokens` / `jvp_tokens` return
+        gave). Returns, on a non-last stage, the activation for the next stage (`[S_res, B, h]`, or `[S_res, 2B,
+        h]` with its tangent when `jvp`); on the last stage what `forward_tokens` / `jvp_tokens` return
         (velocity tokens, zeros on padding; with `jvp` the pair). `jvp` runs without autograd; every stage
         needs `timestep_tangent` there (default zeros), only the first `tokens_tangent`."""
         st = self.stage

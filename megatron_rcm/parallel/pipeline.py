@@ -54,17 +54,21 @@ def prev_rank() -> int:
     return parallel_state.get_pipeline_model_parallel_prev_rank()
 
 
-def _header(t: torch.Tensor) -> torch.Tensor:
+_HEADER = 3 + _MAX_DIMS
+"""dtype, dims, whether the sender's tensor takes part in autograd, shape."""
+
+
+def _header(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
     if t.dtype not in _DTYPES or t.dim() > _MAX_DIMS:
         raise ValueError(f"cannot send a {t.dtype} tensor of {t.dim()} dims between pipeline stages")
-    h = torch.full((2 + _MAX_DIMS,), -1, dtype=torch.int64)
-    h[0], h[1] = _DTYPES.index(t.dtype), t.dim()
-    h[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    h = torch.full((_HEADER,), -1, dtype=torch.int64)
+    h[0], h[1], h[2] = _DTYPES.index(t.dtype), t.dim(), int(grad)
+    h[3:3 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
     return h
 
 
 def _empty_from(h: torch.Tensor, device) -> torch.Tensor:
-    shape = [int(s) for s in h[2:2 + int(h[1])]]
+    shape = [int(s) for s in h[3:3 + int(h[1])]]
     return torch.empty(shape, dtype=_DTYPES[int(h[0])], device=device)
 
 
@@ -72,40 +76,43 @@ def _device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def send_tensor(t: torch.Tensor, dst: int) -> None:
-    """Send `t` (with its header) to global rank `dst` of the pipeline group."""
+def send_tensor(t: torch.Tensor, dst: int, grad: bool = False) -> None:
+    """Send `t` (with its header) to global rank `dst` of the pipeline group; `grad`: tell the receiver that a
+    gradient is expected back."""
     dev = t.device
-    dist.send(_header(t).to(dev), dst, group=pp_group())
+    dist.send(_header(t, grad).to(dev), dst, group=pp_group())
     dist.send(t.detach().contiguous(), dst, group=pp_group())
 
 
-def recv_tensor(src: int) -> torch.Tensor:
-    """Receive a tensor sent by `send_tensor` from global rank `src` of the pipeline group."""
+def recv_tensor(src: int, with_flag: bool = False):
+    """Receive a tensor sent by `send_tensor` from global rank `src` of the pipeline group (`with_flag`: and
+    whether the sender's tensor takes part in autograd)."""
     dev = _device()
-    h = torch.empty(2 + _MAX_DIMS, dtype=torch.int64, device=dev)
+    h = torch.empty(_HEADER, dtype=torch.int64, device=dev)
     dist.recv(h, src, group=pp_group())
-    t = _empty_from(h.cpu(), dev)
+    h = h.cpu()
+    t = _empty_from(h, dev)
     dist.recv(t, src, group=pp_group())
-    return t
+    return (t, bool(h[2])) if with_flag else t
 
 
 def broadcast_from_last(t: torch.Tensor | None) -> torch.Tensor:
     """The last stage's `t` on every stage (`t` is ignored elsewhere)."""
     src, dev = parallel_state.get_pipeline_model_parallel_last_rank(), _device()
     last = parallel_state.is_pipeline_last_stage()
-    h = _header(t).to(dev) if last else torch.empty(2 + _MAX_DIMS, dtype=torch.int64, device=dev)
+    h = _header(t).to(dev) if last else torch.empty(_HEADER, dtype=torch.int64, device=dev)
     dist.broadcast(h, src, group=pp_group())
     out = t.detach().contiguous() if last else _empty_from(h.cpu(), dev)
     dist.broadcast(out, src, group=pp_group())
     return out
 
 
-def receive_activation(requires_grad: bool) -> torch.Tensor:
-    """The previous stage's output. With `requires_grad`, its gradient is sent back to the previous stage as
-    soon as backward computes it."""
+def receive_activation() -> torch.Tensor:
+    """The previous stage's output. When it takes part in autograd there (and grad mode is on here), its gradient
+    is sent back to the previous stage as soon as backward computes it."""
     prev = prev_rank()
-    x = recv_tensor(prev)
-    if requires_grad:
+    x, sender_grad = recv_tensor(prev, with_flag=True)
+    if sender_grad and torch.is_grad_enabled():
         x.requires_grad_(True)
         x.register_hook(lambda g: send_tensor(g, prev))
     return x
@@ -118,7 +125,7 @@ class _ToNextStage(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        send_tensor(x, next_rank())
+        send_tensor(x, next_rank(), grad=True)
         return broadcast_from_last(None)
 
     @staticmethod
@@ -151,7 +158,7 @@ def sum_pipeline_grads(model: torch.nn.Module, group=None) -> None:
 
 def _broadcast_tensor(t: torch.Tensor | None, src: int) -> torch.Tensor:
     dev = _device()
-    h = _header(t).to(dev) if dist.get_rank() == src else torch.empty(2 + _MAX_DIMS, dtype=torch.int64, device=dev)
+    h = _header(t).to(dev) if dist.get_rank() == src else torch.empty(_HEADER, dtype=torch.int64, device=dev)
     dist.broadcast(h, src, group=pp_group())
     out = t.detach().contiguous().to(dev) if dist.get_rank() == src else _empty_from(h.cpu(), dev)
     dist.broadcast(out, src, group=pp_group())

@@ -4,8 +4,8 @@ TP=2 (with sequence parallelism) and PP=2 x CP=2, against the same weights at PP
 Per case: the forward with and without autograd, the JVP along the latents, the timestep and both, every gradient
 after one backward (pipeline-replicated ones summed over the stages, CP-summed, TP-gathered, then gathered over
 the stages) and the stage entry points driven as a schedule would (`set_input_tensor`, `stage_forward`, one
-send per stage boundary). Then a checkpoint written at PP=2 (megatron and diffusers) loads at PP=1 bit-exactly,
-and bad splits are refused.
+send per stage boundary). Then a checkpoint written at PP=2 (megatron and diffusers) loads at PP=2 and at PP=1
+bit-exactly, and bad splits are refused.
 """
 
 import dataclasses
@@ -150,6 +150,12 @@ def _check_checkpoints(tmp, model, kind, config, ref):
 
     save_megatron(model, os.path.join(tmp, "megatron"))
     save_diffusers(model, os.path.join(tmp, "diffusers"))
+    for folder in ("megatron", "diffusers"):  # and back into PP=2 stages
+        net = from_pretrained(os.path.join(tmp, folder), params_dtype=F64, pipeline_layers=list(model.stage.layers))
+        mine = dict(model.named_parameters())
+        assert [n for n, _ in net.named_parameters()] == list(mine), folder
+        for name, p in net.named_parameters():
+            assert torch.equal(p.detach(), mine[name].detach()), f"{folder} at PP=2: {name}"
     initialize_parallel()
     net = from_pretrained(os.path.join(tmp, "megatron"), params_dtype=F64)
     sd = dict(net.named_parameters())

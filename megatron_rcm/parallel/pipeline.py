@@ -96,15 +96,17 @@ def recv_tensor(src: int, with_flag: bool = False):
     return (t, bool(h[2])) if with_flag else t
 
 
-def broadcast_from_last(t: torch.Tensor | None) -> torch.Tensor:
-    """The last stage's `t` on every stage (`t` is ignored elsewhere)."""
+def broadcast_from_last(t: torch.Tensor | None, with_flag: bool = False):
+    """The last stage's `t` on every stage (`t` is ignored elsewhere); `with_flag`: and whether it takes part in
+    autograd on the last stage."""
     src, dev = parallel_state.get_pipeline_model_parallel_last_rank(), _device()
     last = parallel_state.is_pipeline_last_stage()
-    h = _header(t).to(dev) if last else torch.empty(_HEADER, dtype=torch.int64, device=dev)
+    h = _header(t, t.requires_grad).to(dev) if last else torch.empty(_HEADER, dtype=torch.int64, device=dev)
     dist.broadcast(h, src, group=pp_group())
-    out = t.detach().contiguous() if last else _empty_from(h.cpu(), dev)
+    h = h.cpu()
+    out = t.detach().contiguous() if last else _empty_from(h, dev)
     dist.broadcast(out, src, group=pp_group())
-    return out
+    return (out, bool(h[2])) if with_flag else out
 
 
 def receive_activation() -> torch.Tensor:
@@ -135,25 +137,34 @@ class _ToNextStage(torch.autograd.Function):
 
 def send_to_next_and_wait_output(x: torch.Tensor) -> torch.Tensor:
     """Non-last stages: hand `x` to the next stage and return the last stage's (broadcast) output, differentiable
-    towards `x` when `x` requires grad."""
+    towards `x` when `x` requires grad (otherwise a leaf that requires grad when the last stage's output does)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _ToNextStage.apply(x)
     send_tensor(x, next_rank())
-    return broadcast_from_last(None)
+    out, grad = broadcast_from_last(None, with_flag=True)
+    if grad and torch.is_grad_enabled():
+        # a frozen stage before trainable ones: the loss still takes part in autograd here, so that every rank
+        # calls the same backward (nothing of this stage to differentiate)
+        out.requires_grad_(True)
+    return out
 
 
 def sum_pipeline_grads(model: torch.nn.Module, group=None) -> None:
     """Sum the gradients of the parameters every stage holds a copy of (`pipeline_replicated`: the time and text
-    embeddings, whose outputs every stage's blocks use) over the pipeline group. Call it after backward and
-    before the optimizer step, so that the copies stay equal."""
+    embeddings, whose outputs every stage's blocks use) over the pipeline group. Call it after backward (under
+    megatron's DDP: after `finish_grad_sync`) and before the optimizer step, so that the copies stay equal."""
     group = pp_group() if group is None else group
     if dist.get_world_size(group) == 1:
         return
     for p in model.parameters():
         if getattr(p, "pipeline_replicated", False):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=group)
+            # under megatron's DDP the gradient lives in `main_grad` (its buffer), after its own reduction
+            grad = getattr(p, "main_grad", None)
+            if grad is None:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grad = p.grad
+            dist.all_reduce(grad, group=group)
 
 
 def _broadcast_tensor(t: torch.Tensor | None, src: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ TP=2 (with sequence parallelism) and PP=2 x CP=2, against the same weights at PP
 Per case: the forward with and without autograd, the JVP along the latents, the timestep and both, every gradient
 after one backward (pipeline-replicated ones summed over the stages, CP-summed, TP-gathered, then gathered over
 the stages) and the stage entry points driven as a schedule would (`set_input_tensor`, `stage_forward`, one
-send per stage boundary). Then a checkpoint written at PP=2 (megatron and diffusers) loads at PP=2 and at PP=1
+send per stage boundary). A frozen first stage does not make the others wait in backward. Then a checkpoint written at PP=2 (megatron and diffusers) loads at PP=2 and at PP=1
 bit-exactly, and bad splits are refused.
 """
 
@@ -169,6 +169,23 @@ def _check_checkpoints(tmp, model, kind, config, ref):
         assert torch.equal(v.to(F64), ref["sd"][name]), f"diffusers export {name}"
 
 
+def _check_frozen_first_stage(model, kind, shape, ref):
+    """A first stage that takes no part in autograd (frozen) sends no gradient request: the later stages' backward
+    does not wait for it and their own gradients are unchanged."""
+    x, t, text, w, _ = _inputs(kind, shape)
+    if model.stage.is_first:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    model.zero_grad()
+    (model(x, t, text) * w).sum().backward()
+    for name, p in model.named_parameters():
+        if name.startswith("blocks.") and not model.stage.is_first:
+            assert _err(p.grad, ref["grads"][name]) <= 1e-4, f"frozen first stage: {name}"
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.zero_grad()
+
+
 def _check_bad_splits(kind, config):
     for layers, what in (([3, 0], "at least one"), ([1, 1], "sum to num_layers=3"), ([1, 1, 1], "each of the 2")):
         with pytest.raises(ValueError, match=what):
@@ -185,6 +202,7 @@ def _all(tmp):
         initialize_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp, pipeline_model_parallel_size=2)
         model = _check_case(label, kind, config, layers, sp, shape, ref)
         if i == 0:
+            _check_frozen_first_stage(model, kind, shape, ref)
             _check_bad_splits(kind, config)
             _check_checkpoints(tmp, model, kind, config, ref)
 

@@ -100,20 +100,23 @@ def sharded_state_dict(model: torch.nn.Module, prefix: str = "", tensors: dict |
     in a model's sharded state dict by identity).
 
     Replica ids: 0 marks the one copy that is written; tensor-parallel-replicated parameters are copies on the
-    other TP ranks, and every parameter is replicated across data-parallel (and context-parallel) ranks."""
+    other TP ranks, every parameter is replicated across data-parallel (and context-parallel) ranks, and the small
+    modules every pipeline stage holds (`pipeline_replicated`) are written by the first stage only."""
     tp, tp_rank = state.tp_size(), state.tp_rank()
     dp_rank = state.dp_rank() * state.cp_size() + state.cp_rank()
+    pp_rank = state.pp_rank()
     out = {}
     for name, p in model.named_parameters():
         if tensors is not None and name not in tensors:
             continue
         data = (p if keep_vars else p.detach()) if tensors is None else tensors[name]
         key = prefix + name
+        stage = pp_rank if getattr(p, "pipeline_replicated", False) else 0
         if getattr(p, "tensor_model_parallel", False) and tp > 1:
             out[key] = ShardedTensor.from_rank_offsets(key, data, (p.partition_dim, tp_rank, tp),
-                                                       replica_id=(0, 0, dp_rank))
+                                                       replica_id=(stage, 0, dp_rank))
         else:
-            out[key] = ShardedTensor.from_rank_offsets(key, data, replica_id=(0, tp_rank, dp_rank))
+            out[key] = ShardedTensor.from_rank_offsets(key, data, replica_id=(stage, tp_rank, dp_rank))
     return out
 
 

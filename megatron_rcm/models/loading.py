@@ -117,20 +117,6 @@ def _load_megatron(net: torch.nn.Module, directory: str) -> None:
             p.copy_(loaded[name])
 
 
-def _pipeline_sharded_state_dict(net: torch.nn.Module) -> dict:
-    """io.sharded_state_dict with the copies of replicated parameters on later stages marked as replicas (only
-    the first stage's is written)."""
-    sharded = io.sharded_state_dict(net)
-    rank = state.pp_rank()
-    if rank == 0:
-        return sharded
-    params = dict(net.named_parameters())
-    for key, sh in sharded.items():
-        if getattr(params[key], "pipeline_replicated", False):
-            sharded[key] = dataclasses.replace(sh, replica_id=(rank, *sh.replica_id[1:]))
-    return sharded
-
-
 ORIGINAL_PICKLE = "model.pt"
 """File name of the original Cosmos-Predict2 release weights (a torch pickle without a config)."""
 
@@ -244,14 +230,7 @@ def save_megatron(net: torch.nn.Module, path: str) -> None:
     arch = architecture_of(net)
     header = {"model": arch.name, "config": config_to_dict(net.config),
               "params_dtype": str(next(net.parameters()).dtype)}
-    if state.pp_size() == 1:
-        io.save_model(net, path, header)
-        return
-    tmp = io.atomic_dir(path)
-    io.save_sharded(_pipeline_sharded_state_dict(net), tmp)
-    if torch.distributed.get_rank() == 0:
-        io.write_header(tmp, header)
-    io.commit_dir(tmp, path)
+    io.save_model(net, path, header)  # any layout: stages write their own blocks, the first the shared modules
 
 
 def save_diffusers(net: torch.nn.Module, path: str, dtype: torch.dtype | None = None,

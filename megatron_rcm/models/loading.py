@@ -79,15 +79,16 @@ def _device_context(device):
 
 
 def build_model(arch: Architecture, config, params_dtype=torch.float32, sequence_parallel=False, device=None,
-                perform_initialization=True, pipeline_layers=None):
-    """This rank's part of the model in the current parallel layout (its pipeline stage under PP)."""
+                perform_initialization=True, pipeline_layers=None, cp_comm: str = "auto"):
+    """This rank's part of the model in the current parallel layout (its pipeline stage under PP; `cp_comm`: how
+    self-attention crosses the context-parallel group, 'auto' | 'a2a' | 'ring')."""
     state.ensure_parallel()
     if device is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
-    kw = {} if pipeline_layers is None else {"pipeline_layers": pipeline_layers}
     with _device_context(device):
         return arch.model_cls(config, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
-                              perform_initialization=perform_initialization, **kw)
+                              perform_initialization=perform_initialization, cp_comm=cp_comm,
+                              pipeline_layers=pipeline_layers)
 
 
 def _stage_state_dict(net: torch.nn.Module, full_sd: dict, source: str) -> dict:
@@ -203,19 +204,21 @@ def read_full_state_dict(arch: Architecture, config, kind: str, directory: str,
 
 def from_pretrained(path: str, *, params_dtype: torch.dtype = torch.bfloat16, sequence_parallel: bool = False,
                     device=None, model: str | None = None, preset: str | None = None,
-                    network: str | None = None, pipeline_layers=None) -> torch.nn.Module:
+                    network: str | None = None, pipeline_layers=None, cp_comm: str = "auto") -> torch.nn.Module:
     """Load a DiT in the current parallel layout (a one-process layout is set up if none exists).
 
     `path`: a diffusers model folder (the `transformer` folder of a pipeline, or the pipeline folder itself), an
     original Wan-AI release folder, an original Cosmos-Predict2 release folder (`model.pt`; give `preset`), a
     megatron-rcm checkpoint, or a `.pt` / `.pth` file of the rCM reference (a released student: `network` 'ema' or
     'net', default the EMA if present; a teacher file). `model` ('wan', 'cosmos') checks the family.
-    Under pipeline parallelism each rank builds and loads its stage (`pipeline_layers`: blocks per stage).
+    Under pipeline parallelism each rank builds and loads its stage (`pipeline_layers`: blocks per stage); under
+    context parallelism `cp_comm` picks Ulysses (`a2a`) or `ring` self-attention (`auto`: a2a where CP divides the
+    heads).
     """
     state.ensure_parallel()
     arch, config, kind, directory = inspect_checkpoint(path, model, preset, network)
     net = build_model(arch, config, params_dtype, sequence_parallel, device, perform_initialization=False,
-                      pipeline_layers=pipeline_layers)
+                      pipeline_layers=pipeline_layers, cp_comm=cp_comm)
     if kind == "megatron":
         _load_megatron(net, directory)
     else:

@@ -77,6 +77,10 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     context_parallel_size: int = 1
+    """Split every sample's tokens over this many ranks (latents stay sharded for the whole rCM iteration)."""
+    cp_comm: str = "auto"
+    """How self-attention crosses the context-parallel group: `a2a` (Ulysses; CP must divide the heads of a tensor-
+    parallel rank), `ring` (any head count), or `auto` (a2a where it divides, else ring)."""
     pipeline_model_parallel_size: int = 1
     backend: str = "auto"
     """`auto` (NCCL with CUDA, else gloo), `nccl` or `gloo`."""

@@ -55,6 +55,11 @@ class TrainingLogger:
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
 
+    def image(self, tag: str, image, step: int) -> None:
+        """A PIL image (e.g. `evaluation.labeled_grid`) as a TensorBoard image summary."""
+        if self.writer is not None:
+            self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
     def video(self, tag: str, frames: np.ndarray, step: int, fps: int = 4) -> None:
         """An animated GIF summary of `[T, H, W, 3]` uint8 frames (what TensorBoard shows as a video)."""
         if self.writer is None:

@@ -29,6 +29,7 @@ from megatron_rcm.training import checkpointing, memory
 from megatron_rcm.training.config import ConfigError, TrainingConfig, check_ranges, dump_config, model_preset
 from megatron_rcm.training.data import build_batches
 from megatron_rcm.training.logger import TrainingLogger, append_metrics
+from megatron_rcm.training.step import RCMStep
 from megatron_rcm.training.trainable import make_trainable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -51,8 +52,14 @@ def validate(config: TrainingConfig, world_size: int) -> int:
                           f"context ({p.context_parallel_size}) x pipeline ({p.pipeline_model_parallel_size}) "
                           f"parallel sizes = {mp}")
     if p.context_parallel_size > 1:
-        raise ConfigError("context parallelism is not wired into the DiT / training loop yet (set "
-                          "parallel.context_parallel_size=1; use tensor parallelism + sequence parallelism)")
+        from megatron_rcm.parallel.context import resolve_cp_comm
+
+        heads = model_preset(config.model.preset)[1].num_attention_heads
+        if heads % p.tensor_model_parallel_size == 0:
+            try:
+                resolve_cp_comm(p.cp_comm, heads // p.tensor_model_parallel_size, p.context_parallel_size)
+            except ValueError as e:
+                raise ConfigError(f"parallel.cp_comm: {e}") from None
     if p.pipeline_model_parallel_size > 1:
         raise ConfigError("pipeline parallelism is not wired into the training loop yet (set "
                           "parallel.pipeline_model_parallel_size=1)")
@@ -185,6 +192,11 @@ class Trainer:
         self.batches = build_batches(c, self.model_config.text_dim, self.dp_rank, self.dp_size, self.device,
                                      self.model_config.in_channels)
         self.neg_text = self.batches.negative_text()
+        # the passes of one micro-batch (training/step.py); sharded over the CP group when it has several ranks
+        self.step = RCMStep(c.rcm, self.schedule, self.teacher_module, self.student.module,
+                            None if self.critic is None else self.critic.module, student_train=self.student.net,
+                            critic_train=None if self.critic is None else self.critic.net, neg_text=self.neg_text,
+                            cp_group=state.cp_group())
         self.iteration = 0
         self.evaluator = None
         self._signal_received = False  # set by the signal handler, at any time
@@ -199,13 +211,15 @@ class Trainer:
         arch_name, preset = model_preset(c.model.preset)
         self.arch, self.model_config = ARCHITECTURES[arch_name], preset
         if c.model.teacher:
-            teacher = from_pretrained(c.model.teacher, params_dtype=dtype, sequence_parallel=sp, device=self.device)
+            teacher = from_pretrained(c.model.teacher, params_dtype=dtype, sequence_parallel=sp, device=self.device,
+                                      cp_comm=c.parallel.cp_comm)
         else:
-            teacher = build_model(self.arch, preset, dtype, sp, self.device)
+            teacher = build_model(self.arch, preset, dtype, sp, self.device, cp_comm=c.parallel.cp_comm)
         teacher.requires_grad_(False).eval()
 
         def clone(src):
-            net = build_model(self.arch, preset, dtype, sp, self.device, perform_initialization=False)
+            net = build_model(self.arch, preset, dtype, sp, self.device, perform_initialization=False,
+                              cp_comm=c.parallel.cp_comm)
             net.load_state_dict(src.state_dict())
             return net
 
@@ -225,12 +239,7 @@ class Trainer:
         self.teacher_module = teacher
         self.ema = D.PowerEMA(student, c.rcm.ema_sigma_rel)
         scale = c.rcm.timestep_scale
-        self.teacher = D.TrigFlowWrapper(teacher, scale)
-        self.student_nograd = D.TrigFlowWrapper(student, scale)
-        self.student_grad = D.TrigFlowWrapper(self.student.net, scale, dtype=self.student_nograd.dtype)
-        if self.critic is not None:
-            self.critic_nograd = D.TrigFlowWrapper(critic, scale)
-            self.critic_grad = D.TrigFlowWrapper(self.critic.net, scale, dtype=self.critic_nograd.dtype)
+        self.teacher = D.TrigFlowWrapper(teacher, scale)  # the evaluation's teacher sampler
 
     def generator(self, iteration: int, micro: int) -> torch.Generator:
         """Draws of micro-batch `micro` of this DP rank: seeded by its global micro-batch slot (DP rank x micro-batches
@@ -240,57 +249,6 @@ class Trainer:
         slot = self.dp_rank * self.batches.num_micro + micro
         seed = (self.config.training.seed * 1_000_003 + iteration * 10_007 + slot) % 2**63
         return torch.Generator().manual_seed(seed)
-
-    # ------------------------------------------------------------------------------------------------------
-    # One micro-batch
-    # ------------------------------------------------------------------------------------------------------
-    def student_no_grad(self, x0, text, it, gen) -> dict:
-        """Teacher CFG + student JVP (sCM target); student rollout + DMD gradient (regularizer). No autograd."""
-        rc, out = self.config.rcm, {}
-        with torch.no_grad():
-            if rc.uses_scm:
-                out["scm"] = D.scm_targets(self.student_nograd, self.teacher, x0, text, self.neg_text, rc,
-                                           self.schedule.tangent_warmup_ratio(it), gen)
-            if self.schedule.dmd_active(it):
-                n = self.schedule.rollout_steps(it, gen)
-                x, t = D.student_rollout(self.student_nograd, x0, text, n, rc, gen)
-                x0_student = self.student_nograd(x, t, text).x0
-                out["dmd_input"] = (x, t)
-                out["dmd"] = D.dmd_gradient(self.teacher, self.critic_nograd, x0_student, text, self.neg_text, rc,
-                                            gen)
-        return out
-
-    def student_grad_pass(self, targets: dict, text) -> tuple[torch.Tensor, dict]:
-        """One with-grad student forward over the sCM and DMD inputs together; per-sample losses `[B]`."""
-        rc = self.config.rcm
-        xs, ts, texts, parts = [], [], [], []
-        if "scm" in targets:
-            xs.append(targets["scm"].x_t), ts.append(targets["scm"].t), texts.append(text), parts.append("scm")
-        if "dmd" in targets:
-            x, t = targets["dmd_input"]
-            xs.append(x), ts.append(t), texts.append(text), parts.append("dmd")
-        pred = self.student_grad(torch.cat(xs), torch.cat(ts), torch.cat(texts))
-        b = text.shape[0]
-        total = torch.zeros(b, dtype=torch.float64, device=text.device)
-        losses = {}
-        for i, name in enumerate(parts):
-            if name == "scm":
-                loss = D.scm_loss(pred.F[i * b:(i + 1) * b], targets["scm"])
-                total = total + rc.scm_weight * loss
-            else:
-                loss = D.dmd_loss(pred.x0[i * b:(i + 1) * b], targets["dmd"])
-                total = total + rc.dmd_weight * loss
-            losses[f"loss/{name}"] = loss.detach()
-        return total, losses
-
-    def critic_no_grad(self, x0, text, it, gen):
-        n = self.schedule.rollout_steps(it, gen)
-        return D.critic_inputs(self.student_nograd, x0, text, n, self.config.rcm, gen)
-
-    def critic_grad_pass(self, inputs, text) -> tuple[torch.Tensor, dict]:
-        x0 = self.critic_grad(inputs.x_t, inputs.t, text).x0
-        loss = D.critic_loss(x0, inputs)
-        return self.config.rcm.critic_weight * loss, {"loss/critic": loss.detach()}
 
     # ------------------------------------------------------------------------------------------------------
     # One iteration
@@ -306,18 +264,14 @@ class Trainer:
         norm = state.cp_size() / local
         sums: dict[str, torch.Tensor] = {}
         for m, (x0, text) in enumerate(micro_batches):
-            gen = self.generator(it, m)
-            if phase == "student":
-                loss, parts = self.student_grad_pass(self.student_no_grad(x0, text, it, gen), text)
-            else:
-                loss, parts = self.critic_grad_pass(self.critic_no_grad(x0, text, it, gen), text)
-            loss = loss.sum()
-            if it in c.training.nan_iterations:
-                loss = loss * float("nan")  # fault injection (tests): the step must be skipped
+            out = self.step.run(phase, self.step.micro_batch(x0, text, self.generator(it, m)), it)
+            loss, total = out.loss.sum(), out.total.sum()  # this rank's share; the whole samples' (for the logs)
+            if it in c.training.nan_iterations:  # fault injection (tests): the step must be skipped
+                loss, total = loss * float("nan"), total * float("nan")
             (loss * norm).backward()
-            for k, v in parts.items():
+            for k, v in out.parts.items():
                 sums[k] = sums.get(k, 0) + v.sum()
-            sums["loss/total"] = sums.get("loss/total", 0) + loss.detach()
+            sums["loss/total"] = sums.get("loss/total", 0) + total
         # one small all-reduce: global loss sums, NaN flag, signal flag
         keys = sorted(sums)
         flags = torch.tensor([0.0 if all(torch.isfinite(sums[k]) for k in keys) else 1.0,
@@ -326,11 +280,13 @@ class Trainer:
         packed = torch.cat([torch.stack([sums[k].double().cpu() for k in keys]), flags])
         if dist.get_world_size() > 1:
             packed = packed.to(self.device)  # NCCL reduces device tensors only
-            maxed = packed[-2:].clone()
-            dist.all_reduce(packed)
-            dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
-            packed[-2:] = maxed
-            packed = packed.cpu()
+            # losses: whole-sample values on every CP and TP rank already, so summed over data-parallel ranks only
+            # (the same number at any TP / CP / DP split); flags: any rank anywhere
+            losses, flags = packed[:-2].clone(), packed[-2:].clone()
+            if state.dp_size() > 1:
+                dist.all_reduce(losses, group=state.dp_group())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            packed = torch.cat([losses, flags]).cpu()
         # a signal that arrives after this point is acted on after the next iteration, on every rank alike
         nan_loss, self._stop = bool(packed[-2] > 0), bool(packed[-1] > 0)
         result = trainable.step(skip=nan_loss)
@@ -338,10 +294,8 @@ class Trainer:
             self.ema.update(self.student.module)
         samples = c.training.global_batch_size
         record = {"phase": phase}
-        # the sums came from every rank: tensor-parallel ranks hold copies of their DP rank's losses
-        replicas = state.cp_size() * state.tp_size()
         for i, k in enumerate(keys):
-            record[k] = float(packed[i]) / (samples * replicas) if not nan_loss else float("nan")
+            record[k] = float(packed[i]) / samples if not nan_loss else float("nan")
         record[f"grad_norm/{phase}"] = result.grad_norm
         record[f"lr/{phase}"] = result.lr
         record[f"nan_grads/{phase}"] = result.num_nan_grads
@@ -445,35 +399,38 @@ class Trainer:
             return {}
         from megatron_rcm.training.evaluation import ShapesEvaluator, video_grid
 
+        # every rank evaluates (the networks' calls are collective over TP / CP / PP groups); rank 0 logs
         out = {}
-        if self.rank == 0:
-            t0 = time.time()
-            if self.evaluator is None:
-                shape = (self.model_config.in_channels, c.data.frames, c.data.size, c.data.size)
-                self.evaluator = ShapesEvaluator(c, self.teacher, self.batches.encoder, c.logging.classifier,
-                                                 self.device, shape)
-                tm = self.evaluator.teacher_metrics
-                self.log.print(f"eval teacher ({c.logging.teacher_eval_steps}-step {c.logging.teacher_solver}, "
-                               f"CFG {c.rcm.guidance}): alignment {tm['alignment']:.3f} | feature distance to data "
-                               f"{tm['feature_distance_to_data']:.4f} | (data alignment {tm['data_alignment']:.3f})")
-                for k, v in tm.items():
-                    self.log.scalar(f"eval/teacher/{k}", v, step)
-                self.log.video("samples/teacher", video_grid(self.evaluator.teacher_samples[:16]), step)
-            self.ema.copy_to(self.ema_module)
-            for name, module in (("ema", self.ema_module), ("student", self.student.module)):
-                metrics, samples = self.evaluator.evaluate(D.TrigFlowWrapper(module, c.rcm.timestep_scale),
-                                                           c.logging.eval_student_steps)
-                for k, v in metrics.items():
-                    self.log.scalar(f"eval/{name}/{k}", v, step)
-                    out[f"{name}/{k}"] = v
-                if name == "ema":
-                    for n, x in samples.items():
-                        self.log.video(f"samples/ema_{n}step", video_grid(x[:16]), step)
-                self.log.print(f"eval {name} at iteration {step}: " + " | ".join(
-                    f"{n}-step alignment {metrics[f'alignment_{n}step']:.3f} feature distance "
-                    f"{metrics[f'feature_distance_{n}step']:.4f}" for n in c.logging.eval_student_steps))
-            self.log.print(f"evaluation took {time.time() - t0:.1f} s")
-            self.log.flush()
+        t0 = time.time()
+        if self.evaluator is None:
+            shape = (self.model_config.in_channels, c.data.frames, c.data.size, c.data.size)
+            self.evaluator = ShapesEvaluator(c, self.teacher, self.batches.encoder, c.logging.classifier,
+                                             self.device, shape)
+            tm = self.evaluator.teacher_metrics
+            self.log.print(f"eval teacher ({c.logging.teacher_eval_steps}-step {c.logging.teacher_solver}, "
+                           f"CFG {c.rcm.guidance}): alignment {tm['alignment']:.3f} | feature distance to data "
+                           f"{tm['feature_distance_to_data']:.4f} | (data alignment {tm['data_alignment']:.3f})")
+            for k, v in tm.items():
+                self.log.scalar(f"eval/teacher/{k}", v, step)
+            self.log.video("samples/teacher", video_grid(self.evaluator.teacher_samples[:16]), step)
+        self.ema.copy_to(self.ema_module)
+        for name, module in (("ema", self.ema_module), ("student", self.student.module)):
+            metrics, samples = self.evaluator.evaluate(D.TrigFlowWrapper(module, c.rcm.timestep_scale),
+                                                       c.logging.eval_student_steps)
+            for k, v in metrics.items():
+                self.log.scalar(f"eval/{name}/{k}", v, step)
+                out[f"{name}/{k}"] = v
+            if name == "ema":
+                for n, x in samples.items():
+                    self.log.video(f"samples/ema_{n}step", video_grid(x[:16]), step)
+                if self.log.writer is not None:
+                    self.log.image("samples/ema_grid", self.evaluator.grid(samples), step)
+            self.log.print(f"eval {name} at iteration {step}: " + " | ".join(
+                f"{n}-step alignment {metrics[f'alignment_{n}step']:.3f} feature distance "
+                f"{metrics[f'feature_distance_{n}step']:.4f} spread ratio {metrics[f'spread_ratio_{n}step']:.2f}"
+                for n in c.logging.eval_student_steps))
+        self.log.print(f"evaluation took {time.time() - t0:.1f} s")
+        self.log.flush()
         if dist.get_world_size() > 1:
             dist.barrier()
         return out

@@ -1,6 +1,7 @@
 """Training checkpoints you can trust, end to end on CPU (torchrun, gloo, the shipped tiny teacher):
 
-- layout-independent resume: saved at TP=2 -> resumed at TP=1, TP=1 -> TP=2, DP=2 -> DP=1, each continuing the
+- layout-independent resume: saved at TP=2 -> resumed at TP=1, TP=1 -> TP=2, DP=2 -> DP=1, CP=2 -> CP=1, CP=1 -> CP=2
+  (a2a and ring), each continuing the
   uninterrupted run's losses (float64 networks, so that the layouts' different summation orders stay far below
   the 1e-6 tolerance; float32 is compared bitwise at an unchanged layout in test_training.py);
 - a damaged newest checkpoint (truncated shard) -> fallback to the previous one, the same trajectory bitwise; a
@@ -246,3 +247,26 @@ def test_allow_config_change_is_logged(reference, tmp_path):
     p = _train(run, ["training.micro_batch_size=4", "training.allow_config_change=true", "training.train_iters=5"])
     assert "allow_config_change: continuing" in p.stdout and "training.micro_batch_size: 8 -> 4" in p.stdout
     assert sorted(read_metrics(run)) == [5]
+
+
+def test_context_parallel_run_then_resume_at_cp1(reference, tmp_path):
+    """CP=2 (Ulysses) from scratch gives the DP=2 run's losses; its checkpoint resumes at CP=1 on one process."""
+    run = str(tmp_path / "run")
+    _train(run, ["parallel.context_parallel_size=2", "parallel.cp_comm=a2a", "checkpoint.exit_after_iteration=6"])
+    meta = checkpointing.verify(os.path.join(checkpointing.checkpoints_dir(run), "iter_0000004"))
+    assert meta["parallel"]["context_parallel_size"] == 2
+    _assert_close(_losses(read_metrics(run)), _losses(read_metrics(reference)), range(1, 7), 1e-6)
+    p = _train(run, nproc=1)
+    assert "at iteration 4" in p.stdout
+    _assert_close(_losses(read_metrics(run)), _losses(read_metrics(reference)), range(1, 9), 1e-6)
+
+
+def test_resume_at_cp2_ring(reference, tmp_path):
+    """A CP=1 checkpoint resumes at CP=2 with ring attention (the tiny model's 4 heads would allow a2a too)."""
+    run = str(tmp_path / "run")
+    _copy_checkpoints(reference, run, names=("iter_0000004",), latest="iter_0000004")
+    p = _train(run, ["parallel.context_parallel_size=2", "parallel.cp_comm=ring"])
+    assert "at iteration 4" in p.stdout
+    resumed = _losses(read_metrics(run))
+    assert sorted(resumed) == [5, 6, 7, 8]
+    _assert_close(resumed, _losses(read_metrics(reference)), range(5, 9), 1e-6)

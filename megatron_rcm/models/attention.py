@@ -353,10 +353,12 @@ def attention_block_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     with torch.no_grad():
         if _flash_supports(q):
             sq, sk = q.shape[2], k.shape[2]
-            empty = torch.empty(0, device=q.device, dtype=torch.int64)
+            # dense batches: no cumulative sequence lengths (the op wants int32 ones), no dropout RNG state
+            no_seqs = torch.empty(0, device=q.device, dtype=torch.int32)
+            no_rng = torch.empty(0, device=q.device, dtype=torch.int64)
             grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                do.to(q.dtype), q, k, v, o.to(q.dtype), lse.float(), empty, empty, sq, sk, 0.0, False, empty, empty,
-                scale=scale)
+                do.to(q.dtype), q, k, v, o.to(q.dtype), lse.float(), no_seqs, no_seqs, sq, sk, 0.0, False, no_rng,
+                no_rng, scale=scale)
             return tuple(g.float() for g in grads)
         cdt = _compute_dtype(q.dtype)
         kc, vc = k.to(cdt), v.to(cdt)

@@ -264,10 +264,12 @@ class MegatronTrainable(Trainable):
         grad_norm = float("nan") if grad_norm is None else float(grad_norm)
         return StepResult(grad_norm, int(nan.item()), self.lr, skipped=not ok)
 
-    _SHARDING = {"distrib_optim_sharding_type": "fully_sharded_model_space", "chained_optim_avoid_prefix": True}
-    """Each parameter's optimizer state (fp32 main weights, Adam's moments) is a ShardedTensor under the
-    parameter's global name, this DP rank's flat range of it: reshardable over TP and DP without a gather. No
-    `chained_N.` prefix: the key does not depend on which of the chained optimizers (param-group kinds) holds it."""
+    _SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+    """Each parameter's optimizer state (fp32 main weights, Adam's moments) in megatron's canonical form: tensors of
+    the parameter's shape under its global name (gathered over DP on save, sliced per rank on load), so a checkpoint
+    reshards over TP and DP. megatron-core 0.19's per-rank flat-range form ('fully_sharded_model_space') is
+    deprecated there and fails its own ShardedTensor check (flattened_range, seen on an H200). No `chained_N.`
+    prefix: the key does not depend on which of the chained optimizers (param-group kinds) holds it."""
 
     def sharded_state_dict(self, prefix: str, state: dict | None = None) -> dict:
         loading = state is not None

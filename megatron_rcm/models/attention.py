@@ -348,18 +348,11 @@ def attention_block_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     log-sum-exp ``lse`` were merged over all blocks: with ``P = exp(scale q k^T - lse)`` and
     ``D = rowsum(do * o)``, ``dS = P * (do v^T - D)``, ``dq = scale dS k``, ``dk = scale dS^T q``,
     ``dv = P^T do``. Summed over the blocks these are the full attention's gradients. Returned in float32
-    (float64 for float64 inputs); SDPA's FLASH backward on CUDA in half precision."""
+    (float64 for float64 inputs), computed in row chunks with the math implementation."""
     scale = _default_scale(q, scale)
     with torch.no_grad():
-        if _flash_supports(q):
-            sq, sk = q.shape[2], k.shape[2]
-            # dense batches: no cumulative sequence lengths (the op wants int32 ones), no dropout RNG state
-            no_seqs = torch.empty(0, device=q.device, dtype=torch.int32)
-            no_rng = torch.empty(0, device=q.device, dtype=torch.int64)
-            grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                do.to(q.dtype), q, k, v, o.to(q.dtype), lse.float(), no_seqs, no_seqs, sq, sk, 0.0, False, no_rng,
-                no_rng, scale=scale)
-            return tuple(g.float() for g in grads)
+        # The math path on every device for now: aten's FLASH backward op called directly with the merged o / LSE
+        # refused the dense (non-varlen) call on an H200 (empty cumulative lengths: "batch size must be positive").
         cdt = _compute_dtype(q.dtype)
         kc, vc = k.to(cdt), v.to(cdt)
         dk = torch.zeros(k.shape, dtype=cdt, device=k.device)

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_rcm.parallel.state import pp_group
+
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8)
 _MAX_DIMS = 6
 
@@ -38,10 +40,6 @@ def stage_layers(num_layers: int, pp_size: int, pipeline_layers=None) -> list[in
                          f"pipeline_model_parallel_size")
     base, extra = divmod(num_layers, pp_size)
     return [base + (1 if s < extra else 0) for s in range(pp_size)]
-
-
-def pp_group():
-    return parallel_state.get_pipeline_model_parallel_group()
 
 
 def next_rank() -> int:

@@ -149,6 +149,10 @@ def cp_rank() -> int:
     return parallel_state.get_context_parallel_rank()
 
 
+def pp_group():
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
 def pp_size() -> int:
     return parallel_state.get_pipeline_model_parallel_world_size()
 

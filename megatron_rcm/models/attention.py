@@ -342,17 +342,38 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return torch.cat(os_, dim=2), torch.cat(lses, dim=2)
 
 
+def _flash_block_backward(do, q, k, v, o, lse, scale):
+    """The FLASH backward kernel on one block against the merged ``(o, lse)``. Called in its variable-length
+    form, the one torch's public ``nn.attention.varlen`` uses: the dense call of this op needs undefined
+    cumulative-length tensors, which cannot be passed from Python (empty ones select the varlen path with
+    zero sequences)."""
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    packed = lambda x: x.to(q.dtype).transpose(1, 2).reshape(-1, x.shape[1], d)  # [B*S, H, D]
+    cu_q = torch.arange(0, (b + 1) * sq, sq, device=q.device, dtype=torch.int32)
+    cu_k = torch.arange(0, (b + 1) * sk, sk, device=q.device, dtype=torch.int32)
+    rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: never read
+    lse_packed = lse.float().permute(1, 0, 2).reshape(h, b * sq).contiguous()  # [H, B*Sq]
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        packed(do).contiguous(), packed(q).contiguous(), packed(k).contiguous(), packed(v).contiguous(),
+        packed(o).contiguous(), lse_packed, cu_q, cu_k, sq, sk, 0.0, False, rng, torch.empty(0, device=q.device),
+        scale=scale)
+    unpack = lambda g, s: g.reshape(b, s, h, d).transpose(1, 2).float()
+    return unpack(dq, sq), unpack(dk, sk), unpack(dv, sk)
+
+
 def attention_block_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                              lse: torch.Tensor, *, scale: float | None = None):
     """Gradients ``(dq, dk, dv)`` of one key/value block's share of an attention whose output ``o`` and
     log-sum-exp ``lse`` were merged over all blocks: with ``P = exp(scale q k^T - lse)`` and
     ``D = rowsum(do * o)``, ``dS = P * (do v^T - D)``, ``dq = scale dS k``, ``dk = scale dS^T q``,
     ``dv = P^T do``. Summed over the blocks these are the full attention's gradients. Returned in float32
-    (float64 for float64 inputs), computed in row chunks with the math implementation."""
+    (float64 for float64 inputs). On CUDA in half precision: SDPA's FLASH backward kernel (its varlen form);
+    elsewhere the math implementation in row chunks."""
     scale = _default_scale(q, scale)
     with torch.no_grad():
-        # The math path on every device for now: aten's FLASH backward op called directly with the merged o / LSE
-        # refused the dense (non-varlen) call on an H200 (empty cumulative lengths: "batch size must be positive").
+        if _flash_supports(q):
+            return _flash_block_backward(do, q, k, v, o, lse, scale)
         cdt = _compute_dtype(q.dtype)
         kc, vc = k.to(cdt), v.to(cdt)
         dk = torch.zeros(k.shape, dtype=cdt, device=k.device)

@@ -14,6 +14,7 @@ in benchmarks/RESULTS.md ("Tiny default quality").
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -154,13 +155,13 @@ def main():
     iterations = it + 1 if it == args.iterations - 1 else it
     print(f"trained {iterations} iterations in {time.time() - t0:.0f} s")
     ema.copy_to(model)
+    path = os.path.join(args.out, "shapes-teacher")
+    # saved before the scoring, so that a failing evaluation loses no training; CPU tensors load on any machine
+    save_megatron(copy.deepcopy(model).cpu(), path)
+    print(f"teacher (EMA, sigma_rel {args.ema_sigma_rel}) saved to {path}")
     if args.eval_guidance:
         scores = score_teacher(model, clf_path, args.eval_guidance, 32, 96, 1234)
         print(json.dumps({"iterations": iterations, **scores}), flush=True)
-    path = os.path.join(args.out, "shapes-teacher")
-    save_megatron(model.cpu(), path)  # CPU tensors: the checkpoint loads on any machine
-    print(f"teacher (EMA, sigma_rel {args.ema_sigma_rel}) saved to {path}")
-
 
 if __name__ == "__main__":
     main()

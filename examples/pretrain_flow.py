@@ -14,7 +14,6 @@ in benchmarks/RESULTS.md ("Tiny default quality").
 """
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -157,7 +156,8 @@ def main():
     ema.copy_to(model)
     path = os.path.join(args.out, "shapes-teacher")
     # saved before the scoring, so that a failing evaluation loses no training; CPU tensors load on any machine
-    save_megatron(copy.deepcopy(model).cpu(), path)
+    save_megatron(model.cpu(), path)
+    model.to(device)
     print(f"teacher (EMA, sigma_rel {args.ema_sigma_rel}) saved to {path}")
     if args.eval_guidance:
         scores = score_teacher(model, clf_path, args.eval_guidance, 32, 96, 1234)

@@ -222,6 +222,9 @@ class DiTModel(torch.nn.Module):
         for name, p in self.named_parameters():
             if name.split(".")[0] not in own:
                 p.pipeline_replicated = True
+                # megatron's optimizer leaves `shared` parameters out of the grad norm: the copies of later
+                # stages (equal to the first's after the pipeline sum) count once
+                p.shared = not self.stage.is_first
 
     def set_input_tensor(self, input_tensor) -> None:
         """What megatron's pipeline schedules call before a non-first stage's forward: the previous stage's output

@@ -82,6 +82,9 @@ class ParallelConfig:
     """How self-attention crosses the context-parallel group: `a2a` (Ulysses; CP must divide the heads of a tensor-
     parallel rank), `ring` (any head count), or `auto` (a2a where it divides, else ring)."""
     pipeline_model_parallel_size: int = 1
+    pipeline_layers: tuple[int, ...] = ()
+    """Blocks per pipeline stage, first stage first (e.g. `[2, 1]`; must sum to the model's blocks); empty:
+    balanced (the first stages take one more block where the pipeline size does not divide the count)."""
     backend: str = "auto"
     """`auto` (NCCL with CUDA, else gloo), `nccl` or `gloo`."""
     grad_sync: str = "auto"

@@ -12,6 +12,10 @@ training checkpoint reshards on load). Two implementations:
 
 Both: loss normalisation "mean over DP x CP" (grads are averaged over that group), NaN/inf grads zeroed and counted
 before the reduction, optional clipping (off by default), LR warm-up counted in this network's own steps.
+Under pipeline parallelism each rank's network is its stage: the gradients of the modules every stage holds
+(`pipeline_replicated`) are summed over the pipeline group before the data-parallel reduction (both are sums, and
+the DP buffers' layouts differ between stages, so the PP sum must come first), and the grad norm is the whole
+model's, the replicated modules counted once (on the first stage; megatron's norm skips `shared` parameters).
 """
 
 import abc
@@ -24,6 +28,8 @@ from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_rcm.checkpoint import io
+from megatron_rcm.parallel.pipeline import sum_pipeline_grads
+from megatron_rcm.parallel.state import pp_group
 from megatron_rcm.training.config import OptimizerConfig
 
 
@@ -93,6 +99,13 @@ class Trainable(abc.ABC):
         return float(self.scheduler.get_lr(self.optimizer.param_groups[0]))
 
 
+def _pipeline_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the pipeline stages (in place; a no-op without pipeline parallelism)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(t, group=pp_group())
+    return t
+
+
 def _count_and_zero_nonfinite(tensors) -> int:
     n = 0
     for g in tensors:
@@ -130,7 +143,8 @@ class TorchTrainable(Trainable):
             self.zero_grad()
             return StepResult(float("nan"), 0, self.lr, skipped=True)
         grads = self._grads()
-        nan = torch.tensor([_count_and_zero_nonfinite(grads)], dtype=torch.float64)
+        nan = _pipeline_sum(torch.tensor([_count_and_zero_nonfinite(grads)], dtype=torch.float64))
+        sum_pipeline_grads(self.module)
         flat = torch.cat([g.reshape(-1) for g in grads] + [nan.to(grads[0].device, grads[0].dtype)])
         world = dist.get_world_size(self.group)
         if world > 1:
@@ -196,10 +210,14 @@ class TorchTrainable(Trainable):
 
 def _global_norm(params, grads) -> float:
     """L2 norm of the full gradient: tensor-parallel shards add up over the TP group; TP-replicated parameters
-    carry complete grads on every TP rank (see models/blocks.py) and count once."""
+    carry complete grads on every TP rank (see models/blocks.py) and count once; pipeline stages add up, the
+    modules every stage holds (equal grads after `sum_pipeline_grads`) counted on the first stage only."""
     sharded = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
     replicated = torch.zeros_like(sharded)
+    later_stage = parallel_state.get_pipeline_model_parallel_rank() > 0
     for p, g in zip(params, grads):
+        if later_stage and getattr(p, "pipeline_replicated", False):
+            continue
         sq = g.double().pow(2).sum()
         if getattr(p, "tensor_model_parallel", False):
             sharded += sq
@@ -207,7 +225,7 @@ def _global_norm(params, grads) -> float:
             replicated += sq
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(sharded, group=parallel_state.get_tensor_model_parallel_group())
-    return math.sqrt(float(sharded + replicated))
+    return math.sqrt(float(_pipeline_sum(sharded + replicated)))
 
 
 class MegatronTrainable(Trainable):
@@ -254,6 +272,8 @@ class MegatronTrainable(Trainable):
         grads = [p.main_grad for p in self.module.parameters() if p.requires_grad]
         nan = torch.tensor([float(_count_and_zero_nonfinite(grads))], device=grads[0].device)
         dist.all_reduce(nan, group=grad_sync_group())
+        _pipeline_sum(nan)
+        sum_pipeline_grads(self.module)  # on the local main_grad buffers, before DP reduces (or scatters) them
         self.net.finish_grad_sync()  # averages over DP x CP (reduce-scatter with the distributed optimizer)
         self.scheduler.step(1)
         # The norm must come from step(): before it, the optimizer's main parameters hold no gradients yet (it

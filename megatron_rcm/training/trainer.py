@@ -60,14 +60,12 @@ def validate(config: TrainingConfig, world_size: int) -> int:
                 resolve_cp_comm(p.cp_comm, heads // p.tensor_model_parallel_size, p.context_parallel_size)
             except ValueError as e:
                 raise ConfigError(f"parallel.cp_comm: {e}") from None
-    if p.pipeline_model_parallel_size > 1:
-        raise ConfigError("pipeline parallelism is not wired into the training loop yet (set "
-                          "parallel.pipeline_model_parallel_size=1)")
     dp = world_size // mp
     if t.micro_batch_size < 1 or t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
                           f"training.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = "
                           f"{t.micro_batch_size * dp}")
+    check_pipeline(config, t.global_batch_size // (t.micro_batch_size * dp))
     if t.train_iters < 1:
         raise ConfigError("training.train_iters must be >= 1")
     if config.model.params_dtype not in DTYPES:
@@ -79,6 +77,30 @@ def validate(config: TrainingConfig, world_size: int) -> int:
     check_teacher(config)
     check_data(config)
     return dp
+
+
+def check_pipeline(config: TrainingConfig, num_micro: int) -> None:
+    """The pipeline split before any work: every stage gets at least one block (an explicit
+    `parallel.pipeline_layers` has one entry per stage and adds up to the model's blocks), and a data-parallel rank
+    has at least as many micro-batches per iteration as there are stages (else 1F1B cannot fill the pipeline)."""
+    p = config.parallel
+    pp, layers = p.pipeline_model_parallel_size, list(p.pipeline_layers)
+    blocks = model_preset(config.model.preset)[1].num_layers
+    if layers:
+        if len(layers) != pp or any(n < 1 for n in layers) or sum(layers) != blocks:
+            raise ConfigError(f"parallel.pipeline_layers {layers} must give each of the {pp} pipeline stages "
+                              f"(parallel.pipeline_model_parallel_size) at least one block and add up to the "
+                              f"{blocks} blocks of model.preset {config.model.preset!r} (sum {sum(layers)})")
+    elif blocks < pp:
+        raise ConfigError(f"parallel.pipeline_model_parallel_size={pp} exceeds the {blocks} blocks of model.preset "
+                          f"{config.model.preset!r}: every stage needs at least one block")
+    if pp > 1 and num_micro < pp:
+        t = config.training
+        raise ConfigError(f"pipeline parallelism needs at least as many micro-batches per data-parallel rank as "
+                          f"stages: training.global_batch_size ({t.global_batch_size}) / (training.micro_batch_size "
+                          f"({t.micro_batch_size}) x data-parallel size) gives {num_micro} < "
+                          f"parallel.pipeline_model_parallel_size={pp}; raise the global batch or lower the "
+                          f"micro-batch size")
 
 
 def check_data(config: TrainingConfig) -> None:
@@ -208,18 +230,21 @@ class Trainer:
         c = self.config
         dtype = DTYPES[c.model.params_dtype]
         sp = c.model.sequence_parallel
+        # every network is built as this rank's pipeline stage of the same split (names are the full model's)
+        layers = list(c.parallel.pipeline_layers) or None
         arch_name, preset = model_preset(c.model.preset)
         self.arch, self.model_config = ARCHITECTURES[arch_name], preset
         if c.model.teacher:
             teacher = from_pretrained(c.model.teacher, params_dtype=dtype, sequence_parallel=sp, device=self.device,
-                                      cp_comm=c.parallel.cp_comm)
+                                      cp_comm=c.parallel.cp_comm, pipeline_layers=layers)
         else:
-            teacher = build_model(self.arch, preset, dtype, sp, self.device, cp_comm=c.parallel.cp_comm)
+            teacher = build_model(self.arch, preset, dtype, sp, self.device, cp_comm=c.parallel.cp_comm,
+                                  pipeline_layers=layers)
         teacher.requires_grad_(False).eval()
 
         def clone(src):
             net = build_model(self.arch, preset, dtype, sp, self.device, perform_initialization=False,
-                              cp_comm=c.parallel.cp_comm)
+                              cp_comm=c.parallel.cp_comm, pipeline_layers=layers)
             net.load_state_dict(src.state_dict())
             return net
 

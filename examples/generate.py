@@ -1,6 +1,7 @@
 """Sample a distilled student in 1-4 steps: mp4 per step count (PyAV) + a PNG grid, with timings.
 
-    python examples/generate.py --checkpoint runs/rcm-shapes-tiny --steps 1 2 4 --num-prompts 8 --out samples/
+    python examples/generate.py --checkpoint runs/rcm-shapes-tiny --steps 1 2 4 --num-prompts 8 --out samples/ \\
+        --teacher examples/assets/shapes-teacher
     python examples/generate.py --checkpoint <Wan pipeline folder or converted student> \\
         --wan-pipeline <Wan2.1-T2V-1.3B-Diffusers folder> --prompts "a cat surfing" --steps 4 --frames 81
 
@@ -11,6 +12,10 @@ megatron-rcm model folder (e.g. `<run_dir>/ema`), a diffusers / original Wan fol
 Nothing is unpickled beyond tensors. The tiny shapes model is recognised by its
 architecture and uses the shapes text encoder and pixel space; Wan models need `--wan-pipeline` (text encoder,
 tokenizer, VAE).
+
+`grid.png` is the training run's evaluation grid (`evaluation.labeled_grid`): one column per prompt with its caption,
+one row per step count (with `--teacher`, the teacher's multi-step samples of the same noise on top), first /
+middle / last frame per cell, upscaled `--upscale` times (nearest).
 """
 
 import argparse
@@ -33,7 +38,16 @@ def parse_args(argv=None):
     p.add_argument("--num-prompts", type=int, default=8, help="shapes model without --prompts: this many prompts")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--sigma-max", type=float, default=80.0)
-    p.add_argument("--mid-times", type=float, nargs="+", default=[1.3, 1.0, 0.6])
+    p.add_argument("--mid-times", type=float, nargs="+", default=None,
+                   help="the student sampler's intermediate TrigFlow times; default: the tiny default's (0.93, 0.52, "
+                        "0.25) for the shapes model, the reference's (1.3, 1.0, 0.6) for Wan")
+    p.add_argument("--teacher", default="", help="a teacher (any --checkpoint kind): its multi-step samples of the "
+                                                  "same prompts and noise are the grid's first row")
+    p.add_argument("--teacher-steps", type=int, default=32)
+    p.add_argument("--teacher-solver", choices=("unipc", "euler"), default="unipc")
+    p.add_argument("--guidance", type=float, default=3.0, help="the teacher's CFG scale (empty negative prompt)")
+    p.add_argument("--upscale", type=int, default=None, help="grid cells upscaled this many times (nearest); "
+                                                             "default 4 for the shapes model, 1 for Wan")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples")
     p.add_argument("--fps", type=int, default=8)
@@ -66,21 +80,25 @@ def load_network(path: str, net: str, dtype: torch.dtype):
 def check_args(args) -> None:
     """Every bad argument is one line before any work (a non-zero exit)."""
     problems = []
+    mid_times = args.mid_times if args.mid_times is not None else [1.3, 1.0, 0.6]
     if args.num_prompts < 1:
         problems.append(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.prompts is not None and not [p for p in args.prompts if p.strip()]:
         problems.append("--prompts needs at least one non-empty prompt")
-    if any(not 1 <= s <= len(args.mid_times) + 1 for s in args.steps):
-        problems.append(f"--steps must be in 1..{len(args.mid_times) + 1} (one more than --mid-times), got "
+    if any(not 1 <= s <= len(mid_times) + 1 for s in args.steps):
+        problems.append(f"--steps must be in 1..{len(mid_times) + 1} (one more than --mid-times), got "
                         f"{args.steps}")
     if args.sigma_max <= 0:
         problems.append(f"--sigma-max must be > 0, got {args.sigma_max}")
-    if any(not 0 < t < 1.5707963267948966 for t in args.mid_times) or args.mid_times != sorted(args.mid_times,
-                                                                                              reverse=True):
-        problems.append(f"--mid-times must be decreasing TrigFlow times in (0, pi/2), got {args.mid_times}")
-    for name in ("fps", "frames", "height", "width"):
+    if any(not 0 < t < 1.5707963267948966 for t in mid_times) or mid_times != sorted(mid_times, reverse=True):
+        problems.append(f"--mid-times must be decreasing TrigFlow times in (0, pi/2), got {mid_times}")
+    if args.teacher and not os.path.exists(args.teacher):
+        problems.append(f"--teacher {args.teacher} does not exist")
+    for name in ("fps", "frames", "height", "width", "teacher_steps"):
         if getattr(args, name) < 1:
-            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.upscale is not None and args.upscale < 1:
+        problems.append(f"--upscale must be >= 1, got {args.upscale}")
     if problems:
         sys.exit("error: " + "; ".join(problems))
 
@@ -101,22 +119,27 @@ def write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
             container.mux(packet)
 
 
-def write_grid(out_dir: str, rows: list[np.ndarray], steps: list[int], prompts: list[str]) -> str:
-    """The PNG grid: one row per step count (`rows[i]`: the middle frame of the `steps[i]`-step video grid, one
-    column per prompt). Returns its path."""
-    from PIL import Image
+def write_grid(out_dir: str, rows: dict[str, torch.Tensor], prompts: list[str], upscale: int) -> str:
+    """The PNG grid (`evaluation.labeled_grid`, as the training run's TensorBoard image): one row per entry of
+    `rows` (label -> videos `[N, 3, T, H, W]`, e.g. the teacher's multi-step samples, then one row per step count),
+    one column per prompt, its caption above it; first / middle / last frame per cell. Returns its path."""
+    from megatron_rcm.training.evaluation import labeled_grid
 
     path = os.path.join(out_dir, "grid.png")
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    labeled_grid(rows, prompts, upscale=upscale).save(path)
     return path
+
+
+def step_label(n: int) -> str:
+    return f"{n} step{'s' if n > 1 else ''}"
 
 
 def main(argv=None):
     args = parse_args(argv)
     from megatron_rcm.data import shapes
-    from megatron_rcm.diffusion import TrigFlowWrapper, student_sample
+    from megatron_rcm.diffusion import TrigFlowWrapper, student_sample, teacher_sample
     from megatron_rcm.parallel import destroy_parallel, initialize_parallel
-    from megatron_rcm.training.config import TINY_SHAPES_DATA, TINY_SHAPES_MODEL
+    from megatron_rcm.training.config import TINY_SHAPES_DATA, TINY_SHAPES_MODEL, tiny_rcm
     from megatron_rcm.training.evaluation import video_grid
 
     check_args(args)
@@ -125,11 +148,16 @@ def main(argv=None):
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         model, scale = load_network(args.checkpoint, args.net, dtype)
+        teacher = load_network(args.teacher, "ema", dtype) if args.teacher else None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     model = model.to(device)
     wrapper = TrigFlowWrapper(model, scale)
     is_shapes = model.config == TINY_SHAPES_MODEL
+    if teacher is not None and teacher[0].config != model.config:
+        sys.exit(f"error: --teacher {args.teacher} is a different architecture from --checkpoint {args.checkpoint}")
+    mid_times = args.mid_times or list(tiny_rcm().student_mid_times if is_shapes else (1.3, 1.0, 0.6))
+    upscale = args.upscale or (4 if is_shapes else 1)
     vae = None
     if is_shapes:
         prompts = args.prompts or shapes.eval_prompts(args.num_prompts)
@@ -154,13 +182,23 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     noise = torch.randn((len(prompts), *shape), generator=gen, dtype=torch.float64, device=device)
-    student_sample(wrapper, noise[:1], text[:1], 1, args.sigma_max, args.mid_times)  # warm-up: not timed
-    rows, timings = [], {}
+    student_sample(wrapper, noise[:1], text[:1], 1, args.sigma_max, mid_times)  # warm-up: not timed
+    rows, timings, teacher_timing = {}, {}, None
+    if teacher is not None:
+        t0 = time.perf_counter()
+        neg = torch.zeros_like(text) if is_shapes else encoder([""] * len(prompts)).to(device)
+        x = teacher_sample(TrigFlowWrapper(teacher[0].to(device), teacher[1]), noise, text, args.teacher_steps,
+                           args.teacher_solver, 1.0, args.guidance, neg)
+        videos = (vae.decode(x.to(dtype)) if vae is not None else x).float().cpu()
+        teacher_timing = {"sampling_s": time.perf_counter() - t0, "steps": args.teacher_steps, "videos": len(prompts)}
+        rows[f"teacher {args.teacher_steps} steps"] = videos
+        print(f"teacher {args.teacher_steps}-step ({args.teacher_solver}, CFG {args.guidance}): {len(prompts)} videos "
+              f"in {teacher_timing['sampling_s']:.3f} s")
     for n in args.steps:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        x = student_sample(wrapper, noise, text, n, args.sigma_max, args.mid_times,
+        x = student_sample(wrapper, noise, text, n, args.sigma_max, mid_times,
                            torch.Generator(device=device).manual_seed(args.seed + n))
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -168,18 +206,18 @@ def main(argv=None):
         videos = (vae.decode(x.to(dtype)) if vae is not None else x).float().cpu()
         t_all = time.perf_counter() - t0
         timings[n] = {"sampling_s": t_net, "with_decode_s": t_all, "videos": len(prompts)}
-        grid = video_grid(videos, columns=min(8, len(prompts)), scale=4 if is_shapes else 1)
         path = os.path.join(args.out, f"samples_{n}step.mp4")
-        write_mp4(path, grid, args.fps)
-        rows.append(grid[grid.shape[0] // 2])
+        write_mp4(path, video_grid(videos, columns=min(8, len(prompts)), scale=upscale), args.fps)
+        rows[step_label(n)] = videos
         print(f"{n}-step: {len(prompts)} videos in {t_net:.3f} s ({t_net / len(prompts) * 1000:.1f} ms/video, "
               f"{t_all:.3f} s with decoding) -> {path}")
-    grid_path = write_grid(args.out, rows, args.steps, prompts)
+    grid_path = write_grid(args.out, rows, prompts, upscale)
     with open(os.path.join(args.out, "prompts.txt"), "w") as f:
         f.write("\n".join(prompts) + "\n")
     with open(os.path.join(args.out, "timings.json"), "w") as f:
-        json.dump({"device": str(device), "steps": timings}, f, indent=2)
-    print(f"grid (middle frame; one row per step count {args.steps}) -> {grid_path}")
+        json.dump({"device": str(device), "mid_times": mid_times, "steps": timings, "teacher": teacher_timing}, f,
+                  indent=2)
+    print(f"grid (first / middle / last frame; {', '.join(rows)}; one column per prompt) -> {grid_path}")
     destroy_parallel()
 
 

@@ -46,6 +46,20 @@ FORWARD_LIVE_F = 4.0
 """Live working set of a no-grad forward (the residual, one block's q/k/v and MLP hidden at once)."""
 JVP_FACTOR = 2.0
 """The JVP pass carries a tangent with each primal."""
+TEXT_BLOCK_H = 12.0
+TEXT_OUTSIDE_H = 6.5
+"""Per text token (data.text_length per sample) of a with-grad pass: each block's cross-attention keys and values
+and their norm's tensors (six elements of width h); outside the blocks the text embedding's MLP (counted on the tiny model with saved-tensor hooks,
+tests/unit/training/test_memory.py). Negligible at 480p (512 text tokens next to 32,760 patch tokens), most of the
+tiny default's activations (512 text tokens next to 128 patch tokens)."""
+MATH_ATTENTION_DTYPES = ("float32", "float64")
+"""Activations that `models.attention.attention` sends to its math path on CUDA too (the fused kernels are for half
+precision): the path keeps each block's softmax probabilities (query tokens x keys x heads) for the backward, in
+float32 (float64 for float64)."""
+CUBLAS_WORKSPACE_BYTES = 8 * 4096 * 1024
+"""cuBLAS workspace of the compute stream, allocated through torch's caching allocator on the first matmul and kept:
+torch's default CUBLAS_WORKSPACE_CONFIG on Hopper (sm90) is `:4096:8` (8 x 4096 KiB; `:4096:2:16:8`, about 8 MiB,
+on other GPUs; cuBLASLt shares it). Counted once per GPU: the passes run on one stream."""
 ALLOCATOR_OVERHEAD = 0.08
 CUDA_CONTEXT_GIB = 0.75
 """Fit verdict: peak allocated + fragmentation (reserved - allocated) + CUDA context and library workspaces."""
@@ -150,7 +164,7 @@ class Estimate:
     parameters: int
     """Parameters of one network (full model)."""
     static: dict
-    """Resident for the whole run: weights, EMA, gradients, optimizer state (bytes)."""
+    """Resident for the whole run: weights, EMA, gradients, optimizer state, the cuBLAS workspace (bytes)."""
     activations: dict
     """Peak activation bytes of each pass kind."""
     peak: dict
@@ -228,7 +242,7 @@ def _static(config: TrainingConfig, table: ParamTable, lay: Layout, stage: int) 
             "critic_weights": weights if config.rcm.uses_dmd else 0.0,
             "ema_weights": weights, "ema_fp32_shadow": n * 4,
             "gradient_buffers": trained * grads, "fp32_main_params": trained * main / shard,
-            "adam_state": trained * adam / shard}
+            "adam_state": trained * adam / shard, "cublas_workspace": CUBLAS_WORKSPACE_BYTES}
 
 
 def _activations(config: TrainingConfig, lay: Layout, tokens: int, stage: int) -> dict:
@@ -245,11 +259,21 @@ def _activations(config: TrainingConfig, lay: Layout, tokens: int, stage: int) -
     outside = OUTSIDE_BLOCKS_H * h / res * ((stage == 0) + (stage == lay.pp - 1)) / 2
     in_flight = min(lay.pp, lay.num_micro)  # 1F1B: the first stage holds up to PP micro-batches
 
+    text = config.data.text_length
+    text_block = TEXT_BLOCK_H * h / lay.tp * scale  # per text token; the keys and values are split by heads
+    text_outside = TEXT_OUTSIDE_H * h * scale * (stage == 0)
+    if config.model.params_dtype in MATH_ATTENTION_DTYPES:
+        # softmax probabilities of the self-attention (keys: the whole sample) and the cross-attention (text)
+        probs = cfg.num_attention_heads / lay.tp * s * (tokens + text) * max(DTYPE_BYTES[config.model.params_dtype], 4)
+    else:
+        probs = 0.0
+
     def with_grad(batch):
+        per_block = s * block + text * text_block + probs
         if lay.activation_checkpointing:
-            kept = blocks * CHECKPOINT_INPUT_H * h / res * scale + outside
-            return s * batch * (in_flight * kept + block)
-        return s * batch * in_flight * (blocks * block + outside)
+            kept = s * (blocks * CHECKPOINT_INPUT_H * h / res * scale + outside) + text * text_outside
+            return batch * (in_flight * kept + per_block)
+        return batch * in_flight * (blocks * per_block + s * outside + text * text_outside)
 
     live = (FORWARD_LIVE_H * h / res + FORWARD_LIVE_F * f / lay.tp) * scale
     mb = lay.micro_batch

@@ -10,6 +10,7 @@
 #   MASTER_PORT    rendezvous port on the first node (default 29500)
 #   PYTHON         interpreter (default: python)
 #   REQUEUE        1 (default): requeue the job after a pre-emption save; 0: just stop
+#   RESEND         seconds between repeats of the forwarded SIGUSR1 until the workers have stopped (default 10)
 # Arguments: config overrides (key.sub=value ...), passed to examples/pretrain_rcm.py.
 #
 # Pre-emption: `--signal=B:USR1@N` sends SIGUSR1 to this shell N s before the time limit (`scancel
@@ -52,6 +53,11 @@ forward_preemption() {
     STOP=1
     echo "SIGUSR1 ($(date -u '+%T') UTC): asking the workers to save a checkpoint and stop"
     scancel --signal=USR1 "$SLURM_JOB_ID"  # every process of the job steps (not this shell)
+    # again every RESEND s while this shell runs: workers still starting up ignore SIGUSR1 (inherited from the task
+    # shell) until the trainer installs its handler, and a signal they never see ends the job at its time limit
+    ( while sleep "${RESEND:-10}" && kill -0 $$ 2>/dev/null; do
+          scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null
+      done ) &
 }
 trap forward_preemption USR1
 

@@ -17,7 +17,9 @@ parallelism the residual-stream tensors are split 1/TP too, the per-head and MLP
 The student's with-grad pass runs the sCM and DMD inputs as one batch (2 x micro-batch); the teacher's CFG passes
 run cond + uncond as one batch; the JVP pass carries a tangent next to each primal. The per-token byte counts
 below were counted on the tiny model with saved-tensor hooks (block inputs, outside-block tensors) and fitted to the
-Wan2.1-1.3B scale probe on one H200 (480p x 81, activation checkpointing: 70.8 / 64.6 GiB).
+Wan2.1-1.3B scale probe on one H200 (480p x 81, activation checkpointing: 70.8 / 64.6 GiB). Terms that matter
+only for small models are counted from what the code allocates: the text tokens' activations, the math attention's
+softmax probabilities (float32 / float64 models) and the cuBLAS workspace.
 """
 
 import dataclasses
@@ -106,7 +108,7 @@ def parameter_table(preset_name: str, params_dtype: str) -> ParamTable:
 
     from megatron_rcm.models import build_model
     from megatron_rcm.models.loading import ARCHITECTURES
-    from megatron_rcm.training.trainer import DTYPES
+    from megatron_rcm.dtypes import DTYPES
 
     arch_name, cfg = model_preset(preset_name)
     model = build_model(ARCHITECTURES[arch_name], cfg, DTYPES[params_dtype], False, torch.device("meta"))

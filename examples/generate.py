@@ -39,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--sigma-max", type=float, default=80.0)
     p.add_argument("--mid-times", type=float, nargs="+", default=None,
-                   help="the student sampler's intermediate TrigFlow times; default: the tiny default's (0.93, 0.52, "
-                        "0.25) for the shapes model, the reference's (1.3, 1.0, 0.6) for Wan")
+                   help="the student sampler's intermediate TrigFlow times; default: the tiny default's (0.5, 0.25, "
+                        "0.1) for the shapes model, the reference's (1.3, 1.0, 0.6) for Wan")
     p.add_argument("--teacher", default="", help="a teacher (any --checkpoint kind): its multi-step samples of the "
                                                   "same prompts and noise are the grid's first row")
     p.add_argument("--teacher-steps", type=int, default=32)

@@ -28,10 +28,12 @@ def tiny_rcm() -> RCMConfig:
     """The objective of the tiny default: the paper's lambda (0.01, scale-free `per_sample` form), a short tangent
     warm-up and more frequent student steps for ~600 student iterations, and the reference's time settings moved to
     this data's scale (per-element std ~0.37 instead of 1; docs/architecture.md, "Quality of the tiny default"):
-    the same signal-to-noise ratios give the sampler's intermediate times (0.93, 0.52, 0.25) for (1.3, 1.0, 0.6),
-    p_D shift 2 for 5 and p_G mean -0.8 + 0.5 ln 8 + ln 0.37 = -0.76."""
+    p_D shift 2 for 5 and p_G mean -0.8 + 0.5 ln 8 + ln 0.37 = -0.76. The sampler's intermediate times (0.5, 0.25,
+    0.1) are lower than the same-signal-to-noise image of (1.3, 1.0, 0.6), which is (0.93, 0.52, 0.25): the student
+    refines its one-step sample at low noise instead of regenerating it (docs/architecture.md, "Distillation
+    quality"; benchmarks/RESULTS.md)."""
     return RCMConfig(dmd_weight=0.01, p_mean=-0.76, p_std=1.6, guidance=3.0, dmd_time_shift=2.0,
-                     student_mid_times=(0.93, 0.52, 0.25), tangent_warmup=100, student_update_freq=2,
+                     student_mid_times=(0.5, 0.25, 0.1), tangent_warmup=100, student_update_freq=2,
                      ema_sigma_rel=0.1)
 
 
@@ -350,6 +352,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     for o in overrides:
         apply_override(data, o)
     config = from_dict(TrainingConfig, data)
+    from megatron_rcm.dtypes import ALIASES
+
+    # both spellings accepted here, one stored (the resolved config.yaml, the trainer's lookup)
+    config.model.params_dtype = ALIASES.get(config.model.params_dtype, config.model.params_dtype)
     check_ranges(config)
     return config
 
@@ -405,3 +411,63 @@ def _merge(base: dict, new: dict, where: str, prefix: str = "") -> None:
 
 def dump_config(config: TrainingConfig) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --help: every key with its type, default and docstring
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The attribute docstrings of dataclass `cls` (the string literal under each field in its source)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    out = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            out[node.target.id] = " ".join(nxt.value.value.split())
+    return out
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
+
+
+def config_keys(cls=None, prefix: str = "", default=None):
+    """(dotted key, type name, default, docstring) of every leaf of the config tree, in declaration order."""
+    cls = cls or TrainingConfig
+    default = default if default is not None else cls()
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from config_keys(type(value), f"{prefix}{f.name}.", value)
+        else:
+            plain = list(value) if isinstance(value, tuple) else value
+            yield f"{prefix}{f.name}", _type_name(hints[f.name]) or str(hints[f.name]), plain, docs.get(f.name, "")
+
+
+def config_help(width: int = 116) -> str:
+    """Every config key grouped by section: `key (type, default: value)` and its docstring."""
+    import textwrap
+
+    lines, section = [], None
+    for key, tp, default, doc in config_keys():
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            cls = type(getattr(TrainingConfig(), head)) if head else TrainingConfig
+            lines += ["", f"{head or 'top level'}: {' '.join((cls.__doc__ or '').split())}"]
+        lines.append(f"  {key} ({tp}, default: {yaml.safe_dump(default, default_flow_style=True).strip()
+                                                    .removesuffix('...').strip()})")
+        if doc:
+            lines += textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines).lstrip("\n")

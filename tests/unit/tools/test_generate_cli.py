@@ -87,7 +87,7 @@ def test_mid_training_checkpoint_samples_on_the_cpu(tmp_path):
     timings = json.loads((tmp_path / "samples" / "timings.json").read_text())
     assert set(timings["steps"]) == {"1", "2"} and timings["teacher"] is None
     # the tiny model samples with the tiny default's intermediate times
-    assert timings["mid_times"] == [0.93, 0.52, 0.25]
+    assert timings["mid_times"] == [0.5, 0.25, 0.1]
 
 
 def test_grid_is_the_labeled_evaluation_grid_with_a_teacher_row(tmp_path):
@@ -128,7 +128,7 @@ def test_grid_is_the_labeled_evaluation_grid_with_a_teacher_row(tmp_path):
         rows = {"teacher 3 steps": teacher_sample(teacher, noise, text, 3, "unipc", 1.0, 3.0, torch.zeros_like(text))}
         for n in (1, 4):
             rows[f"{n} step{'s' if n > 1 else ''}"] = student_sample(
-                student, noise, text, n, 80.0, [0.93, 0.52, 0.25], torch.Generator().manual_seed(n))
+                student, noise, text, n, 80.0, [0.5, 0.25, 0.1], torch.Generator().manual_seed(n))
     destroy_parallel()
     expected = np.asarray(labeled_grid({k: v.float() for k, v in rows.items()}, prompts, upscale=4))
     got = np.asarray(Image.open(tmp_path / "s" / "grid.png"))

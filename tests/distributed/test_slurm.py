@@ -1,7 +1,8 @@
 """The sbatch path on a real Slurm cluster on this host (scripts/local_slurm.sh: munged, slurmctld, two slurmd
 nodes): slurm/wan13b_rcm.sbatch runs the tiny default (shortened, CPU, gloo, one process on each of 2 nodes) to
 completion; a job pre-empted with SIGUSR1 saves, requeues itself, resumes, and its per-iteration losses equal the
-uninterrupted run's bitwise."""
+uninterrupted run's bitwise; a job that reaches its real time limit (`--time=1 --signal=B:USR1@N`) does the same
+from Slurm's own signal."""
 
 import os
 import random
@@ -60,13 +61,13 @@ def cluster():
         assert not os.path.exists(state)
 
 
-def _sbatch(env, run_dir, out, extra=()):
+def _sbatch(env, run_dir, out, extra=(), overrides=SHORT):
     job_env = dict(env, CONFIG="examples/configs/shapes-tiny.yaml", GPUS_PER_NODE="1", PYTHON=sys.executable,
                    MASTER_PORT=str(_free_ports(1)), RUN_DIR=run_dir, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
         job_env.pop(k, None)
     cmd = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
-           f"--output={out}", *extra, os.path.join(REPO, "slurm", "wan13b_rcm.sbatch"), *SHORT]
+           f"--output={out}", *extra, os.path.join(REPO, "slurm", "wan13b_rcm.sbatch"), *overrides]
     p = subprocess.run(cmd, cwd=REPO, env=job_env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     return p.stdout.strip().split(";")[0]
@@ -136,4 +137,50 @@ def test_preempted_job_requeues_and_resumes_the_same_trajectory(cluster, jobs):
     resumed_at = int(log.split("resumed from")[1].split("at iteration")[1].split()[0])
     assert 1 <= resumed_at < ITERS, "the signal came after the last iteration: the test did not cut the run"
     assert _wait(cluster, reference_job, reference_out)["JobState"] == "COMPLETED"
+    assert _losses(run_dir) == _losses(reference)  # bitwise: floats compared with ==
+
+
+# Long enough that the first run of a job limited to one minute is still training when Slurm's warning comes
+LONG_ITERS = 160
+LONG = [o if not o.startswith("training.train_iters=") else f"training.train_iters={LONG_ITERS}" for o in SHORT]
+
+
+@pytest.fixture(scope="module")
+def time_limited(cluster, tmp_path_factory, jobs):
+    """A job of one minute (Slurm's smallest limit; the time is counted in minutes) with `--signal=B:USR1@45`:
+    slurmctld sends the warning from its periodic time-limit check, 15 to ~45 s after the start; its requeued run
+    would get the same minute and be cut again, so once the first run has requeued itself the test raises the
+    limit (scontrol update: the running or pending job's limit) and the second run finishes. Next to it the
+    uninterrupted run of the same length. Started after the other jobs have been submitted (`jobs`)."""
+    d = tmp_path_factory.mktemp("slurm-time")
+    runs = {name: (str(d / name / "run"), str(d / f"{name}.out")) for name in ("reference", "limited")}
+    ids = {"reference": _sbatch(cluster, *runs["reference"], overrides=LONG),
+           "limited": _sbatch(cluster, *runs["limited"], extra=["--time=1", "--signal=B:USR1@45"],
+                              overrides=LONG)}
+    job, (run_dir, out) = ids["limited"], runs["limited"]
+    end = time.time() + 240
+    while True:
+        info = _job(cluster, job)
+        if int(info.get("Restarts", "0")) >= 1:
+            break
+        assert time.time() < end and info["JobState"] not in DONE, \
+            f"{info['JobState']}\n" + (open(out).read()[-3000:] if os.path.exists(out) else "")
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=cluster, check=True, timeout=30)
+    return {name: (ids[name], *runs[name]) for name in runs}
+
+
+def test_time_limited_job_requeues_and_resumes_the_same_trajectory(cluster, time_limited):
+    job, run_dir, out = time_limited["limited"]
+    reference_job, reference, reference_out = time_limited["reference"]
+    info = _wait(cluster, job, out, timeout=300)
+    log = open(out).read()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    first = log.split("job %s (restart 1)" % job)[0]  # the first run's part of the log
+    assert "asking the workers to save a checkpoint and stop" in first and "requeueing job" in first, first[-3000:]
+    assert "exiting after iteration" in first  # the workers saved on the signal, not killed at the time limit
+    resumed_at = int(log.split("resumed from")[1].split("at iteration")[1].split()[0])
+    assert 1 <= resumed_at < LONG_ITERS, "the time limit came after the last iteration: the run was not cut"
+    assert _wait(cluster, reference_job, reference_out, timeout=300)["JobState"] == "COMPLETED"
+    assert sorted(read_metrics(run_dir)) == list(range(1, LONG_ITERS + 1))
     assert _losses(run_dir) == _losses(reference)  # bitwise: floats compared with ==

@@ -39,5 +39,9 @@ setup(
             "sentencepiece>=0.2",
         ],
     },
-    entry_points={},
+    entry_points={"console_scripts": [
+        "megatron-rcm-train = megatron_rcm.cli:train",
+        "megatron-rcm-convert = megatron_rcm.cli:convert",
+        "megatron-rcm-generate = megatron_rcm.cli:generate",
+    ]},
 )

@@ -25,8 +25,13 @@ def _repo_relative(path: str) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_rcm.training.config import config_help
+
+    p = argparse.ArgumentParser(description=__doc__, epilog="config keys (key.sub=value):\n\n" + config_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file (see examples/configs/)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config of this command line as YAML and exit (runs nothing)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.train_iters=100")
     return p.parse_args(argv)
 
@@ -36,12 +41,15 @@ def main(argv=None):
 
     quiet()
     args = parse_args(argv)
-    from megatron_rcm.training.config import ConfigError, load_config
+    from megatron_rcm.training.config import ConfigError, dump_config, load_config
 
     try:
         config = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    if args.print_config:
+        print(dump_config(config), end="")
+        return
     config.model.teacher = _repo_relative(config.model.teacher)
     config.logging.classifier = _repo_relative(config.logging.classifier)
 

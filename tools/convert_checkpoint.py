@@ -36,13 +36,13 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not
 import torch  # noqa: E402
 
 from megatron_rcm.checkpoint import io  # noqa: E402
+from megatron_rcm.dtypes import ALIASES, DTYPES, canonical  # noqa: E402
 from megatron_rcm.checkpoint.pipeline import PipelineExport  # noqa: E402
 from megatron_rcm.checkpoint.sharding import check_state_dict  # noqa: E402
 from megatron_rcm.diffusion.pipeline_scheduler import RCMScheduler  # noqa: E402
 from megatron_rcm.models import loading  # noqa: E402
 from megatron_rcm.parallel import destroy_parallel, initialize_parallel  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # what an output we may replace with --overwrite looks like (anything else is someone's data)
 OUTPUT_MARKERS = (io.HEADER, "config.json", "model_index.json")
 
@@ -57,7 +57,7 @@ def _meta_model(arch, config):
 
 
 def _cast(sd, dtype):
-    return {k: v.to(DTYPES[dtype]) for k, v in sd.items()} if dtype else sd
+    return {k: v.to(DTYPES[canonical(dtype)]) for k, v in sd.items()} if dtype else sd
 
 
 def hf_to_mcore(args) -> None:
@@ -131,7 +131,8 @@ def mcore_to_hf(args) -> None:
                                   num_train_timesteps=int(config.timestep_scale), card=card, **sampler)
     print(f"writing {len(sd)} tensors as a diffusers {'pipeline' if pipeline else 'model'} folder to "
           f"{args.output}", flush=True)
-    loading.write_diffusers(arch, config, sd, args.output, DTYPES[args.dtype] if args.dtype else None, pipeline)
+    dtype = DTYPES[canonical(args.dtype)] if args.dtype else None
+    loading.write_diffusers(arch, config, sd, args.output, dtype, pipeline)
 
 
 def check_paths(src: str, dst: str, overwrite: bool) -> None:
@@ -164,7 +165,8 @@ def parse_args(argv=None):
         p.add_argument("--model", required=True, choices=sorted(loading.ARCHITECTURES), help="model family")
         p.add_argument("--input", required=True, help="source checkpoint directory or rCM reference .pt/.pth file")
         p.add_argument("--output", required=True, help="destination directory (must not exist unless --overwrite)")
-        p.add_argument("--dtype", choices=sorted(DTYPES), help="cast every tensor (default: keep stored dtypes)")
+        p.add_argument("--dtype", choices=sorted(DTYPES) + sorted(a for a in ALIASES if ALIASES[a] != "float64"),
+                       help="cast every tensor, e.g. bf16 or bfloat16 (default: keep stored dtypes)")
         p.add_argument("--preset", help="architecture of an original Cosmos-Predict2 release (model.pt has no "
                                          "config), e.g. cosmos-predict2-2b-t2i, or of an rCM reference file")
         p.add_argument("--overwrite", action="store_true",

@@ -7,6 +7,8 @@ import sys
 import time
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 METRICS_FILE = "metrics.jsonl"
 """One JSON line per iteration in the run directory (exact float repr): what tests and scripts compare across runs."""
@@ -45,7 +47,7 @@ class TrainingLogger:
         self.start_time = time.time()
         self.start_iteration = None
         self.window: list[dict] = []
-        self.window_start = time.time()
+        self.window_start = self._last = time.time()
 
     def print(self, text: str) -> None:
         if self.enabled:
@@ -78,44 +80,78 @@ class TrainingLogger:
     def start(self, it: int) -> None:
         """Call before the first iteration `it` (0-based) of this process."""
         self.start_iteration = it
-        self.start_time = self.window_start = time.time()
+        self.start_time = self.window_start = self._last = time.time()
 
-    def iteration(self, it: int, record: dict, samples: int) -> None:
-        """`record`: phase, losses, grad norm, lr, nan counts, skipped flag of iteration `it` (0-based)."""
-        record = {**record, "samples": samples}
+    def iteration(self, it: int, record: dict, samples: int, flops: float | None = None) -> None:
+        """`record`: phase, losses, grad norm, lr, nan counts, skipped flag, `time/<pass>` seconds of iteration
+        `it` (0-based); `samples`: the global batch; `flops`: model FLOPs of the iteration over all ranks
+        (`training.flops`), None when not counted."""
+        now = time.time()
+        # eval time between iterations is excluded: the trainer moves `window_start` past it
+        seconds = now - max(self._last, self.window_start)
+        self._last = now
+        record = {**record, "samples": samples, "_seconds": seconds, "_flops": flops}
         self.window.append(record)
         step = it + 1
+        self.consumed_samples = getattr(self, "consumed_samples", it * samples) + samples
         for k, v in record.items():
-            if k in ("phase", "samples") or v is None:
+            if k in ("phase", "samples") or k.startswith("_") or v is None:
                 continue
             self.scalar(k, float(v), step)
         if step % self.log_interval != 0 and step != self.train_iters:
             return
-        now = time.time()
-        dt = now - self.window_start
-        n = len(self.window)
+        self.print(self.format_line(step, now))
+        self.window, self.window_start = [], now
+
+    def format_line(self, step: int, now: float) -> str:
+        """One console line in Megatron-LM's labels and order, then the rCM-specific fields."""
+        win, dt = self.window, max(now - self.window_start, 1e-9)
+        n = len(win)
         done = step - self.start_iteration
         per_iter = (now - self.start_time) / max(done, 1)
-        parts = [f"iteration {step:8d}/{self.train_iters:8d}",
-                 f"phase {'/'.join(sorted({r['phase'] for r in self.window}))}",
-                 f"elapsed time per iteration (ms): {1000 * dt / n:.1f}",
-                 f"samples/s: {sum(r['samples'] for r in self.window) / max(dt, 1e-9):.1f}"]
-        keys = sorted({k for r in self.window for k in r} - {"phase", "samples"})
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        samples_per_s = sum(r["samples"] for r in win) / dt
+        parts = [f" iteration {step:8d}/{self.train_iters:8d}",
+                 f"consumed samples: {self.consumed_samples:12d}",
+                 f"elapsed time per iteration (ms): {1000 * dt / n:.1f}"]
+        flops = [r["_flops"] for r in win if r["_flops"] is not None]
+        if len(flops) == n:
+            tflops = sum(flops) / dt / world / 1e12
+            parts.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
+            self.scalar("throughput/tflops_per_gpu", tflops, step)
+        parts.append(f"samples/s: {samples_per_s:.1f}")
+        self.scalar("throughput/samples_per_s", samples_per_s, step)
+        for phase in sorted({r["phase"] for r in win}):
+            ms = [1000 * r["_seconds"] for r in win if r["phase"] == phase]
+            parts.append(f"{phase} step (ms): {np.mean(ms):.1f}")
+        keys = sorted({k for r in win for k in r} - {"phase", "samples", "_seconds", "_flops"})
+
+        def values(k):
+            return [r[k] for r in win if r.get(k) is not None]
+
+        def group(prefix, label, fmt):
+            items = [(k[len(prefix):], values(k)) for k in keys if k.startswith(prefix)]
+            items = [(name, fmt(v)) for name, v in items if v]
+            if items:
+                parts.append(f"{label}: " + " ".join(f"{name} {v}" for name, v in items))
+
+        group("lr/", "learning rate", lambda v: f"{v[-1]:.3E}")
+        group("loss/", "loss", lambda v: f"{np.mean(v):.4E}")
+        group("grad_norm/", "grad norm", lambda v: f"{np.mean(v):.4E}")
+        parts.append(f"number of skipped iterations: {int(sum(values('skipped_iterations')))}")
+        parts.append(f"number of nan iterations: {int(sum(sum(values(k)) for k in keys if k.startswith('nan_grads')))}")
+        group("time/", "time (ms)", lambda v: f"{1000 * np.mean(v):.1f}")
+        known = ("lr/", "loss/", "grad_norm/", "time/", "nan_grads", "skipped_iterations")
         for k in keys:
-            vals = [r[k] for r in self.window if r.get(k) is not None]
-            if not vals:
-                continue
-            if k.startswith("skipped") or k.startswith("nan_grads"):
-                parts.append(f"{k}: {int(sum(vals))}")
-            elif k.startswith("lr"):
-                parts.append(f"{k}: {vals[-1]:.3E}")
-            else:
-                parts.append(f"{k}: {np.mean(vals):.4E}")
+            if not k.startswith(known) and values(k):
+                parts.append(f"{k}: {np.mean(values(k)):.4E}")
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            parts.append(f"mem peak (GiB): {peak:.2f}")
+            self.scalar("memory/peak_gib", peak, step)
         parts.append(f"elapsed: {_hms(now - self.start_time)}")
         parts.append(f"ETA: {_hms(per_iter * (self.train_iters - step))}")
-        self.scalar("throughput/samples_per_s", sum(r["samples"] for r in self.window) / max(dt, 1e-9), step)
-        self.print(" | ".join(parts))
-        self.window, self.window_start = [], now
+        return " | ".join(parts) + " |"
 
     def flush(self) -> None:
         if self.writer is not None:

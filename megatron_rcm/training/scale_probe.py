@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rcm.training.config import load_config
+from megatron_rcm.training.flops import forward_flops, pass_flops  # noqa: F401  (re-exported: older imports)
 
 PROBE = ["run_dir=runs/scale-probe", "model.preset=wan2.1-t2v-1.3b", "model.teacher=", "model.params_dtype=bfloat16",
          "model.activation_checkpointing=true", "data.source=random", "data.frames=81", "data.height=480",
@@ -27,36 +28,14 @@ PROBE = ["run_dir=runs/scale-probe", "model.preset=wan2.1-t2v-1.3b", "model.teac
          "checkpoint.save_on_signal=false"]
 
 
-def forward_flops(cfg, tokens: int, text_tokens: int) -> float:
-    """Matmul FLOPs of one forward of one sample of a Wan DiT (2 per multiply-add)."""
-    h, f = cfg.hidden_size, cfg.ffn_dim
-    per_layer = (2 * tokens * 4 * h * h            # self-attention q, k, v, o
-                 + 2 * 2 * tokens * tokens * h     # QK^T and PV
-                 + 2 * tokens * 2 * h * h          # cross-attention q, o
-                 + 2 * text_tokens * 2 * h * h     # cross-attention k, v
-                 + 2 * 2 * tokens * text_tokens * h
-                 + 2 * tokens * 2 * h * f)         # MLP
-    return cfg.num_layers * per_layer
-
-
-def pass_flops(cfg, tokens: int, text_tokens: int, phase: str, rollout_steps: int) -> float:
-    """FLOPs per sample of one iteration: the no-grad passes plus the with-grad pass (backward = 2 x forward).
-    The JVP pass counts the linear layers twice (primal + tangent) and attention three times (the JVP kernel)."""
-    fwd = forward_flops(cfg, tokens, text_tokens)
-    attn = cfg.num_layers * 2 * 2 * tokens * tokens * cfg.hidden_size
-    if phase == "student":
-        jvp = 2 * (fwd - attn) + 3 * attn
-        return (2 * fwd + jvp            # teacher CFG, student JVP
-                + rollout_steps * fwd    # rollout (N - 1 steps) + its last step, no grad
-                + 3 * fwd                # critic + teacher CFG at the re-noised sample
-                + 2 * 3 * fwd)           # with-grad pass over the sCM and DMD inputs
-    return rollout_steps * fwd + 3 * fwd  # rollout + critic forward/backward
-
-
 def main(argv=None):
     from megatron_rcm.training.trainer import Trainer, world_size_from_env
 
-    overrides = PROBE + list(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip() + "\n\nDefaults the probe sets (before the extra overrides):\n  " + "\n  ".join(PROBE))
+        return
+    overrides = PROBE + argv
     config = load_config(None, overrides)
     if not any(o.startswith("training.global_batch_size=") for o in overrides):
         # one micro-batch per data-parallel rank: a step is one sample's passes on each rank, no accumulation

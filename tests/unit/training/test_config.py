@@ -72,3 +72,41 @@ def test_dump_round_trips(tmp_path):
     f.write_text(dump_config(c))
     assert load_config(str(f)) == c
     assert yaml.safe_load(dump_config(c)) == to_dict(c)
+
+
+def test_help_lists_every_key_with_type_and_default(capsys):
+    import dataclasses
+
+    import yaml
+
+    from megatron_rcm.training.config import TrainingConfig, config_help, field_docs
+
+    def leaves(node, prefix=""):  # the defaults of the tree (a section's default factory, e.g. tiny_rcm)
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from leaves(value, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", value
+
+    text = config_help()
+    keys = list(leaves(TrainingConfig()))
+    assert len(keys) > 50
+    for key, default in keys:
+        plain = list(default) if isinstance(default, tuple) else default
+        shown = yaml.safe_dump(plain, default_flow_style=True).strip().removesuffix("...").strip()
+        assert f"  {key} (" in text and f"default: {shown})" in text.split(f"  {key} (", 1)[1].split("\n")[0], key
+    doc = field_docs(type(TrainingConfig().model))["teacher"]
+    assert " ".join(doc.split()[:5]) in " ".join(text.split())
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    from megatron_rcm.cli import load
+    from megatron_rcm.training.config import load_config
+
+    overrides = ["training.train_iters=7", "model.params_dtype=bf16", "optimizer.student_lr=3e-5", "parallel.pipeline_layers=[2, 1]"]
+    load("train").main(["--print-config", *overrides])
+    path = tmp_path / "c.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert load_config(str(path)) == load_config(None, overrides)
+    assert load_config(str(path)).model.params_dtype == "bfloat16"

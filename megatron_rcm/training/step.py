@@ -17,12 +17,19 @@ velocity network on tokens), noise is this rank's slice of the full-sample draw 
 per-sample sums, NaN masks and the DMD normaliser are made global over the CP group (`process_group_sum`), so that
 the per-sample losses do not depend on the CP size. Padding tokens are zeros in every tensor of the objective
 (the sharded entry points return zeros there), so they add nothing to any sum; only counts need the real size.
+
+Every pass kind is timed (`timed`, synchronised on CUDA) and summed over the micro-batches of an iteration;
+`pop_times()` hands the sums to the loop's iteration record (`time/<pass>`), which shows where a pipeline's
+bubble goes: teacher_cfg, student_jvp, rollout, dmd_gradient, student_grad, critic_grad (the with-grad ones
+include the backward when the loop times it under the same name).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import time
 from typing import Callable, Optional
 
 import torch
@@ -62,6 +69,25 @@ class TokenNetwork:
 
     def jvp(self, tokens, timestep, text, tokens_tangent, timestep_tangent):
         return self.module.jvp_tokens(tokens, timestep, text, self._layout(tokens), tokens_tangent, timestep_tangent)
+
+
+class _Timed:
+    """A network wrapper whose named methods are timed under a pass name (`methods`: method -> pass); everything
+    else is the wrapper's."""
+
+    def __init__(self, wrapper, timed, **methods):
+        self._wrapper, self._timed, self._methods = wrapper, timed, methods
+
+    def __getattr__(self, name):
+        attr = getattr(self._wrapper, name)
+        if name not in self._methods:
+            return attr
+
+        def call(*args, **kw):
+            with self._timed(self._methods[name]):
+                return attr(*args, **kw)
+
+        return call
 
 
 @dataclasses.dataclass
@@ -120,6 +146,25 @@ class RCMStep:
                         (("teacher", teacher), ("student", student), ("critic", critic)) if net is not None}
         if not self.sharded:  # one set of wrappers for every micro-batch
             self._plain = self._wrappers(None)
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        """Add the wall time of the block to pass `name` (CUDA synchronised before and after, so that the time is
+        the pass's and not the launch's)."""
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    def pop_times(self) -> dict[str, float]:
+        """The seconds per pass since the last call, then reset."""
+        out, self.times = self.times, {}
+        return out
 
     # ------------------------------------------------------------------------------------------------------
     def _wrap(self, net, dtype, layout, call=None) -> D.TrigFlowWrapper:
@@ -170,16 +215,20 @@ class RCMStep:
         Returns {'scm': SCMTargets, 'dmd_input': (x_t, t), 'dmd': DMDGradient} (the parts that are on)."""
         rc, net, out, gen = self.config, self.networks(mb), {}, mb.generator
         if rc.uses_scm:
-            out["scm"] = D.scm_targets(net["student"], net["teacher"], mb.x0, mb.text, self.neg_text, rc,
+            student = _Timed(net["student"], self.timed, jvp="student_jvp")
+            teacher = _Timed(net["teacher"], self.timed, guided="teacher_cfg")
+            out["scm"] = D.scm_targets(student, teacher, mb.x0, mb.text, self.neg_text, rc,
                                        self.schedule.tangent_warmup_ratio(it), gen, noise_fn=mb.noise_fn,
                                        sum_fn=mb.sum_fn)
         if self.schedule.dmd_active(it):
             n = self.schedule.rollout_steps(it, gen)
-            x, t = D.student_rollout(net["student"], mb.x0, mb.text, n, rc, gen, noise_fn=mb.noise_fn)
-            x0_student = net["student"](x, t, mb.text).x0
+            with self.timed("rollout"):
+                x, t = D.student_rollout(net["student"], mb.x0, mb.text, n, rc, gen, noise_fn=mb.noise_fn)
+                x0_student = net["student"](x, t, mb.text).x0
             out["dmd_input"] = (x, t)
-            out["dmd"] = D.dmd_gradient(net["teacher"], net["critic"], x0_student, mb.text, self.neg_text, rc, gen,
-                                        noise_fn=mb.noise_fn, sum_fn=mb.sum_fn, numel=mb.numel)
+            with self.timed("dmd_gradient"):
+                out["dmd"] = D.dmd_gradient(net["teacher"], net["critic"], x0_student, mb.text, self.neg_text, rc,
+                                            gen, noise_fn=mb.noise_fn, sum_fn=mb.sum_fn, numel=mb.numel)
         return out
 
     def student_grad(self, mb: MicroBatch, targets: dict) -> MicroBatchLoss:
@@ -191,7 +240,8 @@ class RCMStep:
         if "dmd" in targets:
             x, t = targets["dmd_input"]
             xs.append(x), ts.append(t), texts.append(text), parts.append("dmd")
-        pred = self.networks(mb)["student_train"](torch.cat(xs), torch.cat(ts), torch.cat(texts))
+        with self.timed("student_grad"):
+            pred = self.networks(mb)["student_train"](torch.cat(xs), torch.cat(ts), torch.cat(texts))
         b = text.shape[0]
         total = torch.zeros(b, dtype=torch.float64, device=text.device)
         losses = {}
@@ -213,12 +263,14 @@ class RCMStep:
     def critic_no_grad(self, mb: MicroBatch, it: int) -> D.CriticInputs:
         """A student sample from an N-step rollout, re-noised at t_D (no autograd)."""
         n = self.schedule.rollout_steps(it, mb.generator)
-        return D.critic_inputs(self.networks(mb)["student"], mb.x0, mb.text, n, self.config, mb.generator,
-                               noise_fn=mb.noise_fn)
+        with self.timed("rollout"):
+            return D.critic_inputs(self.networks(mb)["student"], mb.x0, mb.text, n, self.config, mb.generator,
+                                   noise_fn=mb.noise_fn)
 
     def critic_grad(self, mb: MicroBatch, inputs: D.CriticInputs) -> MicroBatchLoss:
         """One with-grad critic forward and its denoising loss."""
-        x0 = self.networks(mb)["critic_train"](inputs.x_t, inputs.t, mb.text).x0
+        with self.timed("critic_grad"):
+            x0 = self.networks(mb)["critic_train"](inputs.x_t, inputs.t, mb.text).x0
         loss = D.critic_loss(x0, inputs, mb.sum_fn)
         total = self.config.critic_weight * loss
         logged = self._global(mb, {"loss/critic": loss.detach(), "loss/total": total.detach()})

@@ -187,6 +187,11 @@ class TorchTrainable(Trainable):
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         steps = {n: float(self.optimizer.state[p]["step"]) for n, p in self._named_params()
                  if p in self.optimizer.state}
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            # the JSON state is rank 0's: it must name every stage's parameters (collective over the stages)
+            every = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+            dist.all_gather_object(every, steps, group=pp_group())
+            steps = {n: v for stage in every for n, v in stage.items()}
         return {"scheduler": self.scheduler.state_dict(), "param_groups": groups, "steps": steps}
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rcm import diffusion as D
+from megatron_rcm.dtypes import DTYPES
 from megatron_rcm.checkpoint import io as checkpoint_io
 from megatron_rcm.models import build_model, from_pretrained
 from megatron_rcm.models.loading import ARCHITECTURES, config_to_dict, inspect_checkpoint, save_megatron
@@ -32,7 +33,6 @@ from megatron_rcm.training.logger import TrainingLogger, append_metrics
 from megatron_rcm.training.step import RCMStep
 from megatron_rcm.training.trainable import make_trainable
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def world_size_from_env() -> int:
@@ -293,7 +293,8 @@ class Trainer:
             loss, total = out.loss.sum(), out.total.sum()  # this rank's share; the whole samples' (for the logs)
             if it in c.training.nan_iterations:  # fault injection (tests): the step must be skipped
                 loss, total = loss * float("nan"), total * float("nan")
-            (loss * norm).backward()
+            with self.step.timed(f"{phase}_grad"):  # the backward of the with-grad pass, with its forward
+                (loss * norm).backward()
             for k, v in out.parts.items():
                 sums[k] = sums.get(k, 0) + v.sum()
             sums["loss/total"] = sums.get("loss/total", 0) + total
@@ -314,9 +315,10 @@ class Trainer:
             packed = torch.cat([losses, flags]).cpu()
         # a signal that arrives after this point is acted on after the next iteration, on every rank alike
         nan_loss, self._stop = bool(packed[-2] > 0), bool(packed[-1] > 0)
-        result = trainable.step(skip=nan_loss)
-        if phase == "student" and not result.skipped:
-            self.ema.update(self.student.module)
+        with self.step.timed("optimizer"):  # grad sync over PP and DP, the update, the EMA
+            result = trainable.step(skip=nan_loss)
+            if phase == "student" and not result.skipped:
+                self.ema.update(self.student.module)
         samples = c.training.global_batch_size
         record = {"phase": phase}
         for i, k in enumerate(keys):
@@ -325,6 +327,8 @@ class Trainer:
         record[f"lr/{phase}"] = result.lr
         record[f"nan_grads/{phase}"] = result.num_nan_grads
         record["skipped_iterations"] = int(result.skipped)
+        # seconds per pass kind (this rank's; they differ run to run: metrics comparisons read loss/ and grad_norm/)
+        record.update({f"time/{k}": v for k, v in sorted(self.step.pop_times().items())})
         if nan_loss:
             self.log.print(f"iteration {it + 1}: non-finite loss ({phase} phase) - step skipped, training goes on")
         return record

@@ -270,3 +270,10 @@ def test_resume_at_cp2_ring(reference, tmp_path):
     resumed = _losses(read_metrics(run))
     assert sorted(resumed) == [5, 6, 7, 8]
     _assert_close(resumed, _losses(read_metrics(reference)), range(5, 9), 1e-6)
+
+
+def test_context_parallel_ring_run_from_scratch(reference, tmp_path):
+    """CP=2 with ring attention from the first iteration gives the DP=2 run's losses and grad norms."""
+    run = str(tmp_path / "run")
+    _train(run, ["parallel.context_parallel_size=2", "parallel.cp_comm=ring", "checkpoint.save_at_end=false"])
+    _assert_close(_losses(read_metrics(run)), _losses(read_metrics(reference)), range(1, 9), 1e-6)

@@ -82,7 +82,7 @@ def test_forward_and_jvp_bf16_within_peer_error():
 def test_tensor_parallel_nccl_matches_single_gpu():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    from test_wan_gpu_workers import check_tp_nccl
+    from wan_gpu_workers import check_tp_nccl
 
     from megatron_rcm.parallel import run_on_ranks
 

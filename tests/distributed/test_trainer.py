@@ -22,7 +22,7 @@ PHASES = ["student", "student", "student", "critic", "student", "critic", "stude
 
 
 def _env():
-    # the CPU path (gloo, torch grad sync) also on a GPU node; tests/gpu/test_training_gpu.py covers the GPU path
+    # the CPU path (gloo, torch grad sync) also on a GPU node; tests/gpu/test_trainer_gpu.py covers the GPU path
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -191,7 +191,7 @@ def test_generate_writes_a_playable_mp4(tiny_run, tmp_path):
         assert (h, w) == (66, 262)  # 1 x 4 grid of 16 x 16 clips upscaled 4x with 1-pixel borders, padded to even
         assert np.std(frames[0]) > 1
         # the labelled grid (evaluation.labeled_grid: first / middle / last frame per cell, tested pixel for pixel in
-        # tests/unit/tools/test_generate_cli.py) is wider than the 4 clips side by side
+        # tests/unit/tools/test_generate.py) is wider than the 4 clips side by side
         grid = Image.open(os.path.join(out, "grid.png"))
         assert grid.size[0] > 3 * 4 * 16 * 4 and np.std(np.asarray(grid)) > 1
         timings = json.load(open(os.path.join(out, "timings.json")))

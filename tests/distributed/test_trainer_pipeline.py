@@ -20,8 +20,8 @@ from megatron_rcm.training import checkpointing
 from megatron_rcm.training.logger import read_metrics
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_checkpoint_safety import F64, _assert_close, _copy_checkpoints, _single  # noqa: E402
-from test_training import REPO, _losses, _run, _torchrun  # noqa: E402
+from test_checkpointing import F64, _assert_close, _copy_checkpoints, _single  # noqa: E402
+from test_trainer import REPO, _losses, _run, _torchrun  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

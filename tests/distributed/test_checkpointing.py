@@ -3,7 +3,7 @@
 - layout-independent resume: saved at TP=2 -> resumed at TP=1, TP=1 -> TP=2, DP=2 -> DP=1, CP=2 -> CP=1, CP=1 -> CP=2
   (a2a and ring), each continuing the
   uninterrupted run's losses (float64 networks, so that the layouts' different summation orders stay far below
-  the 1e-6 tolerance; float32 is compared bitwise at an unchanged layout in test_training.py);
+  the 1e-6 tolerance; float32 is compared bitwise at an unchanged layout in test_trainer.py);
 - a damaged newest checkpoint (truncated shard) -> fallback to the previous one, the same trajectory bitwise; a
   kill during the final EMA export -> the relaunch writes `ema/`, equal to the uninterrupted run's;
 - nothing lost: `latest` deleted -> refused, nothing deleted; a pickle payload in `.metadata` -> refused, never run;
@@ -27,7 +27,7 @@ from megatron_rcm.training import checkpointing
 from megatron_rcm.training.logger import METRICS_FILE, read_metrics
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_training import REPO, SHORT, _env, _losses, _run, _torchrun  # noqa: E402
+from test_trainer import REPO, SHORT, _env, _losses, _run, _torchrun  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

@@ -9,7 +9,7 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-_CPU_TEST = os.path.join(os.path.dirname(__file__), "..", "unit", "checkpoint", "test_pipeline_export.py")
+_CPU_TEST = os.path.join(os.path.dirname(__file__), "..", "unit", "checkpoint", "test_pipeline.py")
 
 
 def _cpu_test_module():

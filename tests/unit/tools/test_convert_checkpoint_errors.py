@@ -1,16 +1,20 @@
+"""tools/convert_checkpoint.py refuses damaged or mismatched inputs with an error that names the problem."""
+
 import contextlib
 import io
 import os
 import runpy
+import sys
 import types
 
 import pytest
 import torch
-from wan_reference import diffusers_wan
 
 from megatron_rcm.models import from_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.join(ROOT, "tests", "unit", "models"))
+from wan_reference import diffusers_wan  # noqa: E402
 
 
 CONVERT = runpy.run_path(os.path.join(ROOT, "tools", "convert_checkpoint.py"))["main"]

@@ -9,7 +9,7 @@
   global names) resumes on one and continues the one-GPU trajectory, also across a TP change (TP=2 -> TP=1 and
   TP=1 -> TP=2); the EMA is exported through dist_checkpointing.
 
-Run: pytest -m gpu tests/gpu/test_training_gpu.py (needs 2 GPUs for the last two tests).
+Run: pytest -m gpu tests/gpu/test_trainer_gpu.py (needs 2 GPUs for the last two tests).
 """
 
 import os

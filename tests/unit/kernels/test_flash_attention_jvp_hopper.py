@@ -1,6 +1,6 @@
 """The warp-specialised Hopper JVP kernel, compiled ahead of time for sm_90 on the CPU.
 
-Its numerics are tested on an H100 (tests/gpu/test_flash_attention_jvp.py); here: it builds with the
+Its numerics are tested on an H100 (tests/gpu/test_flash_attention_jvp_gpu.py); here: it builds with the
 installed Triton, and its resources stay where the schedule needs them: no register spills in any
 partition, shared memory within an H100's 227 KiB, and the GEMMs run from registers and shared memory
 as designed (wgmma count per loop).

@@ -31,6 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
+    from megatron_rcm.dtypes import canonical
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--net", choices=("ema", "student"), default="ema", help="which network of a training checkpoint")
@@ -51,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples")
     p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", type=canonical, choices=("float32", "bfloat16"))
     p.add_argument("--wan-pipeline", default="", help="Wan diffusers pipeline folder (text_encoder/, tokenizer/, vae/)")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--height", type=int, default=480)
@@ -140,11 +142,12 @@ def main(argv=None):
     from megatron_rcm.diffusion import TrigFlowWrapper, student_sample, teacher_sample
     from megatron_rcm.parallel import destroy_parallel, initialize_parallel
     from megatron_rcm.training.config import TINY_SHAPES_DATA, TINY_SHAPES_MODEL, tiny_rcm
+    from megatron_rcm.dtypes import to_torch
     from megatron_rcm.training.evaluation import video_grid
 
     check_args(args)
     initialize_parallel()
-    dtype = getattr(torch, args.dtype)
+    dtype = to_torch(args.dtype)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         model, scale = load_network(args.checkpoint, args.net, dtype)

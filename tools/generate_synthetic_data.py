@@ -23,6 +23,7 @@ import sys
 import torch
 
 from megatron_rcm.data import RESOLUTION_BUCKETS  # (height, width)
+from megatron_rcm.dtypes import canonical, to_torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,9 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples-per-shard", type=int, default=16, help="samples per shard (default 16)")
     p.add_argument("--batch-size", type=int, default=1, help="samples the teacher denoises together (default 1)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default="bfloat16", type=canonical, choices=["bfloat16", "float16", "float32"],
                    help="teacher / text encoder compute dtype (default bfloat16; the ODE state is float64)")
-    p.add_argument("--latent-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+    p.add_argument("--latent-dtype", default="bfloat16", type=canonical, choices=["bfloat16", "float16", "float32"],
                    help="storage dtype of the samples and text embeddings (default bfloat16)")
     p.add_argument("--max-text-length", type=int, default=512, help="text tokens (Wan: 512)")
     p.add_argument("--device", default=None, help="cuda / cuda:N / cpu (default: cuda:LOCAL_RANK if a GPU is present)")
@@ -83,7 +84,7 @@ def main(argv=None) -> dict:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    dtype = getattr(torch, args.dtype)
+    dtype = to_torch(args.dtype)
     prompts = read_prompts(args.prompts)
     net = from_pretrained(args.teacher, params_dtype=dtype, device=device).eval()
     teacher = TrigFlowWrapper(net, timestep_scale=net.config.timestep_scale)

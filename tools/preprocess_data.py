@@ -22,6 +22,7 @@ import sys
 import torch
 
 from megatron_rcm.data import RESOLUTION_BUCKETS as BUCKETS  # (height, width)
+from megatron_rcm.dtypes import canonical, to_torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,9 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=1, help="source frames between clip frames (default 1)")
     p.add_argument("--samples-per-shard", type=int, default=64, help="videos per shard (default 64)")
     p.add_argument("--batch-size", type=int, default=1, help="clips the VAE encodes at once (default 1)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default="bfloat16", type=canonical, choices=["bfloat16", "float16", "float32"],
                    help="compute dtype of the VAE and text encoder (default bfloat16)")
-    p.add_argument("--latent-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+    p.add_argument("--latent-dtype", default="bfloat16", type=canonical, choices=["bfloat16", "float16", "float32"],
                    help="storage dtype of latents and embeddings (default bfloat16)")
     p.add_argument("--max-text-length", type=int, default=512, help="text tokens (Wan: 512)")
     p.add_argument("--device", default=None, help="cuda / cuda:N / cpu (default: cuda:LOCAL_RANK if a GPU "
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    dtype = getattr(torch, args.dtype)
+    dtype = to_torch(args.dtype)
     vae = WanVAE.from_pretrained(args.vae or args.model, dtype=dtype, device=device)
     text_encoder = UMT5TextEncoder.from_pretrained(
         args.text_encoder or args.model, dtype=dtype, device=device,

@@ -14,39 +14,64 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_rcm.dtypes import to_torch
+
+from .shapes import ShapesConfig
 from .shards import latent_loader
 from .video import video_loader
 
 
 @dataclass
 class DataConfig:
-    """Where training batches come from."""
+    """Where training batches come from: the `data` section of the training config, and the argument of
+    `build_data_loader` for the file sources (the batch size and seed come from the `training` section)."""
 
-    source: str = "latents"
-    """``latents``: a shard folder from tools/preprocess_data.py or tools/generate_synthetic_data.py;
-    ``videos``: a JSONL video manifest, decoded by DALI and encoded online by the VAE and text encoder."""
+    source: str = "shapes"
+    """`shapes` (the procedural set of the tiny default, no files), `latents` (a shard folder from
+    tools/preprocess_data.py or tools/generate_synthetic_data.py), `videos` (a JSONL video manifest, decoded by DALI
+    and encoded online by the VAE and text encoder) or `random` (Gaussian latents of the Wan VAE's shape for
+    `frames` x `height` x `width` and random text embeddings: scale probes)."""
 
     path: str = ""
-    """The shard folder or the manifest."""
+    """The shard folder or the manifest (`latents` / `videos`)."""
 
-    batch_size: int = 1
-    """Samples per micro-batch on one DP rank."""
+    negative_text_embedding: str = ""
+    """`latents` / `videos`: a .pt or .safetensors file holding the negative prompt's embedding `[L, text_dim]`
+    (tools/encode_negative_prompt.py writes one)."""
 
-    seed: int = 0
+    text_length: int = 512
+    """`random`: text tokens per sample (UMT5 in Wan: 512)."""
 
-    # -- videos only --------------------------------------------------------------------------------
-    model: str = ""
-    """Local diffusers Wan folder with ``vae/``, ``text_encoder/``, ``tokenizer/`` (videos only)."""
+    frames: int = 8
+    """Video frames (shapes: pixel frames; videos / random: decoded frames, 4k + 1 for Wan's VAE)."""
 
-    frames: int = 81
     stride: int = 1
+    """`videos`: source frames between clip frames."""
+
     height: int = 480
     width: int = 832
+    """`videos` / `random`: frame size."""
+
+    size: int = 16
+    """`shapes`: height = width in pixels."""
+
+    radius: int = 3
+    """`shapes`: half-size of a shape."""
+
+    speed: int = 1
+    """`shapes`: pixels per frame."""
+
+    model: str = ""
+    """`videos`: local diffusers Wan folder with `vae/`, `text_encoder/`, `tokenizer/`."""
+
     encoder_dtype: str = "bfloat16"
-    """Compute dtype of the VAE and text encoder."""
+    """`videos`: compute dtype of the VAE and text encoder."""
 
     text_cache_size: int = 4096
-    """Captions whose embeddings are kept (see ``TextEncoderConfig``)."""
+    """`videos`: captions whose embeddings are kept (see `TextEncoderConfig`)."""
+
+    def shapes(self) -> ShapesConfig:
+        return ShapesConfig(frames=self.frames, size=self.size, radius=self.radius, speed=self.speed)
 
 
 class EncodedVideoLoader:
@@ -83,26 +108,29 @@ class EncodedVideoLoader:
         self.videos.load_state_dict(state)
 
 
-def build_data_loader(config: DataConfig, *, dp_rank: int = 0, dp_size: int = 1, device=None):
-    """The loader of ``config`` for one data-parallel rank (TP / CP / PP ranks pass their DP rank)."""
+def build_data_loader(config: DataConfig, *, batch_size: int = 1, seed: int = 0, dp_rank: int = 0, dp_size: int = 1,
+                      device=None):
+    """The loader of a file source (`latents`, `videos`) for one data-parallel rank (TP / CP / PP ranks pass their
+    DP rank): `batch_size` samples per micro-batch on this rank; `seed` orders the samples."""
     if not config.path:
         raise ValueError("data config: 'path' is empty (a latent shard folder or a video manifest)")
     if config.source == "latents":
-        return latent_loader(config.path, batch_size=config.batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                             seed=config.seed, device=device or "cpu")
+        return latent_loader(config.path, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                             seed=seed, device=device or "cpu")
     if config.source == "videos":
         from megatron_rcm.models.encoders import TextEncoderConfig, UMT5TextEncoder, WanVAE
 
         if not config.model or not os.path.isdir(config.model):
             raise FileNotFoundError(f"data config: 'model' must be a local Wan folder (vae/, text_encoder/, "
                                     f"tokenizer/) for online encoding, got {config.model!r}")
-        dtype = getattr(torch, config.encoder_dtype)
+        dtype = to_torch(config.encoder_dtype)
         videos = video_loader(config.path, frames=config.frames, stride=config.stride, height=config.height,
-                              width=config.width, batch_size=config.batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                              seed=config.seed, device=device)
+                              width=config.width, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                              seed=seed, device=device)
         vae = WanVAE.from_pretrained(config.model, dtype=dtype, device=videos.device)
         text_encoder = UMT5TextEncoder.from_pretrained(
             config.model, dtype=dtype, device=videos.device, config=TextEncoderConfig(cache_size=config.text_cache_size)
         )
         return EncodedVideoLoader(videos, vae, text_encoder)
-    raise ValueError(f"data config: unknown source {config.source!r} (expected 'latents' or 'videos')")
+    raise ValueError(f"data config: unknown source {config.source!r} (expected 'latents' or 'videos'; 'shapes' and "
+                     f"'random' are built by the trainer)")

@@ -95,6 +95,9 @@ PRESETS: dict[str, WanConfig] = {
                           out_channels=4, text_dim=16, freq_dim=16),
     "wan-tiny-tp": WanConfig(num_attention_heads=4, attention_head_dim=12, ffn_dim=64, num_layers=2, in_channels=4,
                              out_channels=4, text_dim=16, freq_dim=16),
+    # the CPU default's teacher and students (195K parameters; pixel-space "latents" 3 x 8 x 16 x 16)
+    "wan-shapes-tiny": WanConfig(num_attention_heads=4, attention_head_dim=16, ffn_dim=128, num_layers=3,
+                                 in_channels=3, out_channels=3, text_dim=16, freq_dim=32, patch_size=(1, 4, 4)),
 }
 
 

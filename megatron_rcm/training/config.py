@@ -3,25 +3,26 @@
     config = load_config("examples/configs/wan2.1-t2v-1.3b-480p.yaml", ["training.train_iters=20"])
 
 Sections: `model`, `parallel`, `rcm` (the objective, `megatron_rcm.diffusion.RCMConfig`), `optimizer`,
-`training`, `data`, `logging`, `checkpoint`. Unknown keys (in a file or an override) are errors. The
+`training`, `data`, `logging`, `checkpoint`, `kernels`. Unknown keys (in a file or an override) are errors. The
 resolved tree is written next to every checkpoint (`config.yaml`).
 """
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 
 import yaml
 
-from megatron_rcm.data.shapes import ShapesConfig
+from megatron_rcm.data.sources import DataConfig
 from megatron_rcm.diffusion.config import RCMConfig
-from megatron_rcm.models.wan import WanConfig
+from megatron_rcm.models import get_preset
 
-TINY_SHAPES_MODEL = WanConfig(num_attention_heads=4, attention_head_dim=16, ffn_dim=128, num_layers=3, in_channels=3,
-                              out_channels=3, text_dim=16, freq_dim=32, patch_size=(1, 4, 4))
-"""The tiny Wan-architecture DiT of the CPU default (195K parameters; pixel-space "latents" 3 x 8 x 16 x 16)."""
+TINY_SHAPES_MODEL = get_preset("wan-shapes-tiny")[1]
+"""The tiny Wan-architecture DiT of the CPU default (`megatron_rcm.models.PRESETS["wan-shapes-tiny"]`)."""
 
-TINY_SHAPES_DATA = ShapesConfig(frames=8, size=16, radius=3, speed=1)
+TINY_SHAPES_DATA = DataConfig().shapes()
+"""The shapes set of the CPU default (the `data` section's defaults)."""
 
 
 def tiny_rcm() -> RCMConfig:
@@ -37,28 +38,13 @@ def tiny_rcm() -> RCMConfig:
                      ema_sigma_rel=0.1)
 
 
-MODEL_PRESETS = {"wan-shapes-tiny": ("wan", TINY_SHAPES_MODEL)}
-"""Presets of the training configs, next to `megatron_rcm.models.PRESETS`."""
-
-
-def model_preset(name: str):
-    """(architecture name, config) of a preset name (ours or `megatron_rcm.models.PRESETS`)."""
-    from megatron_rcm.models import PRESETS
-
-    if name in MODEL_PRESETS:
-        return MODEL_PRESETS[name]
-    if name in PRESETS:
-        return PRESETS[name]
-    raise ValueError(f"unknown model preset {name!r}; known: {sorted(set(PRESETS) | set(MODEL_PRESETS))}")
-
-
 @dataclass
 class ModelConfig:
     """The four networks: `teacher` (frozen), `student` and `critic` (initialised from the teacher), `ema`."""
 
     preset: str = "wan-shapes-tiny"
-    """Architecture preset (`megatron_rcm.models.PRESETS` or `wan-shapes-tiny`). The teacher checkpoint must
-    match it."""
+    """Architecture preset: a name of `megatron_rcm.models.PRESETS` (the CPU default: `wan-shapes-tiny`). The
+    teacher checkpoint must match it."""
     teacher: str = "examples/assets/shapes-teacher"
     """Teacher checkpoint: a diffusers folder, a pipeline folder, an original release or a megatron-rcm checkpoint.
     Empty: random weights (scale probes only)."""
@@ -144,38 +130,6 @@ class TrainingLoopConfig:
 
 
 @dataclass
-class TrainingDataConfig:
-    """Training data."""
-
-    source: str = "shapes"
-    """`shapes` (the procedural set, no files), `latents` (latent shards), `videos` (a manifest, encoded online) or
-    `random` (Gaussian latents of the Wan VAE's shape for `frames` x `height` x `width` and random text embeddings:
-    scale probes)."""
-    text_length: int = 512
-    """`random`: text tokens per sample (UMT5 in Wan: 512)."""
-    path: str = ""
-    """The shard folder or manifest (`latents` / `videos`)."""
-    negative_text_embedding: str = ""
-    """`latents` / `videos`: a torch file holding the negative prompt's embedding `[L, text_dim]`."""
-    frames: int = 8
-    """Video frames (shapes: pixel frames; videos: decoded frames)."""
-    size: int = 16
-    """Shapes: height = width in pixels."""
-    radius: int = 3
-    """Shapes: half-size of a shape."""
-    speed: int = 1
-    """Shapes: pixels per frame."""
-    height: int = 480
-    width: int = 832
-    """`videos`: frame size."""
-    model: str = ""
-    """`videos`: the diffusers Wan folder with vae/ and text_encoder/."""
-
-    def shapes(self) -> ShapesConfig:
-        return ShapesConfig(frames=self.frames, size=self.size, radius=self.radius, speed=self.speed)
-
-
-@dataclass
 class LoggingConfig:
     """Console, TensorBoard and sample evaluation."""
 
@@ -214,6 +168,43 @@ class CheckpointConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """Which CUDA kernels and fusions the DiT uses (CPU runs use none of them). Each key has an environment variable,
+    `RCM_<KEY>` in capitals (`RCM_ATTENTION_BACKEND`, `RCM_FUSION`, ...), that overrides it when set, so that a timing
+    run can flip one without a config; `apply_kernels_config` exports the keys the environment does not set, for
+    the modules that read them (models/attention.py, models/fusion.py, models/blocks.py, kernels/)."""
+
+    attention_backend: str = "auto"
+    """Plain (non-JVP) half-precision attention on CUDA: `auto` (FlashAttention-3 on Hopper when installed, else SDPA
+    with cuDNN first), `sdpa`, `cudnn`, `flash`, `efficient`, `math`, `flash_attn`, `flash_attn_3`."""
+    fusion: bool = True
+    """torch.compile the elementwise regions between GEMMs (norms, modulations, RoPE, gates)."""
+    residual_norm_fusion: bool = True
+    """Join a residual update and the norm after it into one compiled region."""
+    fusion_tuning: bool = False
+    """Autotune the compiled regions' launch parameters (slower first call)."""
+    qkv_kernel: bool = True
+    """The Triton kernel for q/k RMS norm + RoPE of self-attention."""
+    gelu_epilogue: bool = True
+    """GELU fused into the MLP's first GEMM epilogue."""
+    jvp_kernel_config: str = ""
+    """Launch configuration of the FlashAttention JVP kernel (`kernels/flash_attention_jvp.py` `parse_config`
+    syntax); empty: the built-in rule."""
+    jvp_warp_specialized: bool = True
+    """Use the warp-specialised Hopper JVP kernel on sm_90 (false: the portable kernel)."""
+
+
+def apply_kernels_config(config: KernelsConfig) -> None:
+    """Export `config` as the `RCM_*` variables the kernel modules read, leaving any variable already set (the
+    environment overrides the config). Call before the first forward."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value in ("auto", ""):  # the modules' own default
+            continue
+        os.environ.setdefault("RCM_" + f.name.upper(), ("1" if value else "0") if isinstance(value, bool) else value)
+
+
+@dataclass
 class TrainingConfig:
     """Everything one rCM run needs. The defaults are the tiny CPU default (examples/configs/shapes-tiny.yaml)."""
 
@@ -224,9 +215,10 @@ class TrainingConfig:
     rcm: RCMConfig = field(default_factory=tiny_rcm)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingLoopConfig = field(default_factory=TrainingLoopConfig)
-    data: TrainingDataConfig = field(default_factory=TrainingDataConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ class LoaderBatches(_Batches):
 
     def __init__(self, config: TrainingConfig, dp_rank: int, dp_size: int, device):
         from megatron_rcm.checkpoint.negative_prompt import load_negative_embedding
-        from megatron_rcm.data.sources import DataConfig, build_data_loader
+        from megatron_rcm.data.sources import build_data_loader
 
         super().__init__(config, dp_rank, dp_size, device)
         d, t = config.data, config.training
@@ -65,10 +65,8 @@ class LoaderBatches(_Batches):
             raise FileNotFoundError(f"data.negative_text_embedding must name a .pt or .safetensors file with the "
                                     f"negative prompt's embedding [L, text_dim] (tools/encode_negative_prompt.py "
                                     f"writes one), got {d.negative_text_embedding!r}")
-        self.loader = build_data_loader(
-            DataConfig(source=d.source, path=d.path, batch_size=t.micro_batch_size, seed=t.seed, model=d.model,
-                       frames=d.frames, height=d.height, width=d.width), dp_rank=dp_rank, dp_size=dp_size,
-            device=device)
+        self.loader = build_data_loader(d, batch_size=t.micro_batch_size, seed=t.seed, dp_rank=dp_rank,
+                                        dp_size=dp_size, device=device)
         self.neg = load_negative_embedding(d.negative_text_embedding).float()  # never unpickles code
 
     def negative_text(self) -> torch.Tensor:

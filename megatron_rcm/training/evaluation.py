@@ -136,8 +136,9 @@ class ShapesEvaluator:
     def _real_videos(config: TrainingConfig, prompts: list[str]) -> torch.Tensor:
         """One real video per evaluation prompt (random start positions), from a stream no training run reads."""
         rng = np.random.RandomState(config.training.seed + 5)
-        cfg = config.data.shapes()
-        return torch.from_numpy(np.stack([shapes.render(*shapes.parse_caption(p), rng, cfg) for p in prompts]))
+        shapes_config = config.data.shapes()
+        return torch.from_numpy(np.stack([shapes.render(*shapes.parse_caption(p), rng, shapes_config)
+                                          for p in prompts]))
 
     @torch.no_grad()
     def sample(self, net: TrigFlowWrapper, steps: int) -> torch.Tensor:

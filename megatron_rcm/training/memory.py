@@ -25,7 +25,8 @@ softmax probabilities (float32 / float64 models) and the cuBLAS workspace.
 import dataclasses
 import math
 
-from megatron_rcm.training.config import ConfigError, TrainingConfig, model_preset
+from megatron_rcm.models import get_preset
+from megatron_rcm.training.config import ConfigError, TrainingConfig
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -110,8 +111,8 @@ def parameter_table(preset_name: str, params_dtype: str) -> ParamTable:
     from megatron_rcm.models.loading import ARCHITECTURES
     from megatron_rcm.dtypes import DTYPES
 
-    arch_name, cfg = model_preset(preset_name)
-    model = build_model(ARCHITECTURES[arch_name], cfg, DTYPES[params_dtype], False, torch.device("meta"))
+    arch_name, model_config = get_preset(preset_name)
+    model = build_model(ARCHITECTURES[arch_name], model_config, DTYPES[params_dtype], False, torch.device("meta"))
     built_tp = parallel_state.get_tensor_model_parallel_world_size()
     counts: dict = {}
     for name, p in model.named_parameters():
@@ -124,7 +125,7 @@ def parameter_table(preset_name: str, params_dtype: str) -> ParamTable:
         sharded = bool(getattr(p, "tensor_model_parallel", False))
         k = (part, sharded, p.dtype == torch.float32)
         counts[k] = counts.get(k, 0) + p.numel() * (built_tp if sharded else 1)
-    table = ParamTable(counts, cfg.num_layers)
+    table = ParamTable(counts, model_config.num_layers)
     _TABLES[key] = table
     return table
 
@@ -199,13 +200,13 @@ class Estimate:
 
 def sample_tokens(config: TrainingConfig) -> int:
     """Patch tokens of one training sample: pixel-space shapes clips, else Wan-VAE latents (4x time, 8x space)."""
-    _, cfg = model_preset(config.model.preset)
+    _, model_config = get_preset(config.model.preset)
     d = config.data
     if d.source == "shapes":
         grid = (d.frames, d.size, d.size)
     else:
         grid = (1 + (d.frames - 1) // 4, d.height // 8, d.width // 8)
-    return math.prod(g // p for g, p in zip(grid, cfg.patch_size))
+    return math.prod(g // p for g, p in zip(grid, model_config.patch_size))
 
 
 def layout_of(config: TrainingConfig, world_size: int) -> Layout:
@@ -249,9 +250,9 @@ def _static(config: TrainingConfig, table: ParamTable, lay: Layout, stage: int) 
 
 def _activations(config: TrainingConfig, lay: Layout, tokens: int, stage: int) -> dict:
     """Peak activation bytes per pass kind on the GPU of PP stage `stage`."""
-    _, cfg = model_preset(config.model.preset)
-    h, f, L = cfg.hidden_size, getattr(cfg, "ffn_dim", 0) or int(cfg.hidden_size * getattr(cfg, "mlp_ratio", 4)), \
-        cfg.num_layers
+    _, model_config = get_preset(config.model.preset)
+    h, L = model_config.hidden_size, model_config.num_layers
+    f = getattr(model_config, "ffn_dim", 0) or int(h * getattr(model_config, "mlp_ratio", 4))
     scale = max(DTYPE_BYTES[config.model.params_dtype], 2) / 2
     s = tokens / lay.cp
     blocks = min(math.ceil(L / lay.pp), L - stage * math.ceil(L / lay.pp))
@@ -266,7 +267,8 @@ def _activations(config: TrainingConfig, lay: Layout, tokens: int, stage: int) -
     text_outside = TEXT_OUTSIDE_H * h * scale * (stage == 0)
     if config.model.params_dtype in MATH_ATTENTION_DTYPES:
         # softmax probabilities of the self-attention (keys: the whole sample) and the cross-attention (text)
-        probs = cfg.num_attention_heads / lay.tp * s * (tokens + text) * max(DTYPE_BYTES[config.model.params_dtype], 4)
+        probs = (model_config.num_attention_heads / lay.tp * s * (tokens + text)
+                 * max(DTYPE_BYTES[config.model.params_dtype], 4))
     else:
         probs = 0.0
 
@@ -314,13 +316,13 @@ def _divisors(n: int) -> list[int]:
 def candidate_layouts(config: TrainingConfig, gpus: int) -> list[Layout]:
     """Layouts of `gpus` GPUs for this model and global batch: TP dividing the heads (at most 8, one node), CP and
     PP powers of two, micro-batch 1, 2, 4, activation checkpointing on or off, sequence parallelism with TP > 1."""
-    _, cfg = model_preset(config.model.preset)
+    _, model_config = get_preset(config.model.preset)
     t = config.training
     out = []
-    for tp in [d for d in _divisors(cfg.num_attention_heads) if d <= min(8, gpus)]:
+    for tp in [d for d in _divisors(model_config.num_attention_heads) if d <= min(8, gpus)]:
         for cp in (1, 2, 4, 8, 16):
             for pp in (1, 2, 4, 8):
-                if gpus % (tp * cp * pp) or pp > cfg.num_layers:
+                if gpus % (tp * cp * pp) or pp > model_config.num_layers:
                     continue
                 dp = gpus // (tp * cp * pp)
                 for mb in (1, 2, 4):

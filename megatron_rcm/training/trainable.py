@@ -1,6 +1,6 @@
 """One interface for "a trainable network + its optimizer + gradient synchronisation + LR schedule".
 
-The loop sees only `Trainable`: `zero_grad()`, forward through `.net`, `backward`, `step() -> StepResult`,
+The loop sees only `Trainable`: `zero_grad()`, forward through `.wrapped`, `backward`, `step() -> StepResult`,
 `sharded_state_dict()` / `checkpoint_state()` / `load_checkpoint()` (ShardedTensors under global names + JSON: the
 training checkpoint reshards on load). Two implementations:
 
@@ -50,24 +50,24 @@ def grad_sync_group():
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
-def _scheduler(optimizer, lr: float, cfg: OptimizerConfig, train_iters: int) -> OptimizerParamScheduler:
+def _scheduler(optimizer, lr: float, config: OptimizerConfig, train_iters: int) -> OptimizerParamScheduler:
     # constant LR after a linear warm-up; megatron's scheduler works on any optimizer with param_groups
-    warmup = max(0, cfg.lr_warmup_iters)
+    warmup = max(0, config.lr_warmup_iters)
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=lr, min_lr=lr, lr_warmup_steps=warmup,
         lr_decay_steps=max(train_iters, warmup + 1), lr_decay_style="constant",
-        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=max(train_iters, 1),
+        start_wd=config.weight_decay, end_wd=config.weight_decay, wd_incr_steps=max(train_iters, 1),
         wd_incr_style="constant")
 
 
 class Trainable(abc.ABC):
-    """A network with its optimizer and LR schedule. `net` is what forward passes call (with grad)."""
+    """A network with its optimizer and LR schedule. `wrapped` is what the with-grad passes call."""
 
     name: str
     module: torch.nn.Module
     """The bare network (for no-grad and JVP passes, EMA, export)."""
-    net: torch.nn.Module
-    """What with-grad passes call (a DDP wrapper on the megatron path)."""
+    wrapped: torch.nn.Module
+    """What with-grad passes call: megatron-core's DDP wrapper on the megatron path, else `module` itself."""
     scheduler: OptimizerParamScheduler
 
     @abc.abstractmethod
@@ -120,12 +120,14 @@ def _count_and_zero_nonfinite(tensors) -> int:
 class TorchTrainable(Trainable):
     """Plain torch: grads in `param.grad`, one flat all-reduce (average) over DP x CP, AdamW."""
 
-    def __init__(self, name: str, module: torch.nn.Module, lr: float, cfg: OptimizerConfig, train_iters: int):
-        self.name, self.module, self.net, self.cfg = name, module, module, cfg
+    def __init__(self, name: str, module: torch.nn.Module, lr: float, optimizer_config: OptimizerConfig,
+                 train_iters: int):
+        self.name, self.module, self.wrapped, self.optimizer_config = name, module, module, optimizer_config
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        self.scheduler = _scheduler(self.optimizer, lr, cfg, train_iters)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr,
+                                           betas=(optimizer_config.adam_beta1, optimizer_config.adam_beta2),
+                                           eps=optimizer_config.adam_eps, weight_decay=optimizer_config.weight_decay)
+        self.scheduler = _scheduler(self.optimizer, lr, optimizer_config, train_iters)
         self.group = grad_sync_group()
 
     def zero_grad(self) -> None:
@@ -158,9 +160,9 @@ class TorchTrainable(Trainable):
         else:
             num_nan = int(nan.item())
         grad_norm = _global_norm(self.params, grads)
-        if self.cfg.clip_grad > 0 and grad_norm > self.cfg.clip_grad:
+        if self.optimizer_config.clip_grad > 0 and grad_norm > self.optimizer_config.clip_grad:
             for g in grads:
-                g.mul_(self.cfg.clip_grad / (grad_norm + 1e-6))
+                g.mul_(self.optimizer_config.clip_grad / (grad_norm + 1e-6))
         self.scheduler.step(1)
         self.optimizer.step()
         self.zero_grad()
@@ -236,8 +238,8 @@ def _global_norm(params, grads) -> float:
 class MegatronTrainable(Trainable):
     """megatron-core DDP + `get_megatron_optimizer` (Adam, optionally the distributed optimizer) on CUDA."""
 
-    def __init__(self, name: str, module: torch.nn.Module, lr: float, cfg: OptimizerConfig, train_iters: int,
-                 use_distributed_optimizer: bool = True):
+    def __init__(self, name: str, module: torch.nn.Module, lr: float, optimizer_config: OptimizerConfig,
+                 train_iters: int, use_distributed_optimizer: bool = True):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
         from megatron.core.optimizer import get_megatron_optimizer
@@ -245,29 +247,30 @@ class MegatronTrainable(Trainable):
 
         if not torch.cuda.is_available():
             raise RuntimeError("the megatron grad-sync path needs CUDA; use parallel.grad_sync=torch on CPU")
-        self.name, self.module, self.cfg = name, module, cfg
+        self.name, self.module, self.optimizer_config = name, module, optimizer_config
         dtype = next(module.parameters()).dtype
-        c = module.config
-        tcfg = TransformerConfig(num_layers=c.num_layers, hidden_size=c.hidden_size,
-                                 num_attention_heads=c.num_attention_heads,
-                                 tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-                                 context_parallel_size=parallel_state.get_context_parallel_world_size(),
-                                 bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype)
-        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                use_distributed_optimizer=use_distributed_optimizer,
-                                                check_for_nan_in_grad=False)
-        self.net = DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=module)
-        ocfg = MegatronOptimizerConfig(optimizer="adam", lr=lr, min_lr=lr, weight_decay=cfg.weight_decay,
-                                       adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-                                       clip_grad=cfg.clip_grad, bf16=dtype == torch.bfloat16,
-                                       fp16=dtype == torch.float16, params_dtype=dtype,
-                                       use_distributed_optimizer=use_distributed_optimizer)
-        self.optimizer = get_megatron_optimizer(ocfg, [self.net])
-        self.scheduler = _scheduler(self.optimizer, lr, cfg, train_iters)
+        model_config = module.config
+        transformer_config = TransformerConfig(
+            num_layers=model_config.num_layers, hidden_size=model_config.hidden_size,
+            num_attention_heads=model_config.num_attention_heads,
+            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+            context_parallel_size=parallel_state.get_context_parallel_world_size(),
+            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=use_distributed_optimizer,
+                                                   check_for_nan_in_grad=False)
+        self.wrapped = DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=module)
+        megatron_optimizer_config = MegatronOptimizerConfig(
+            optimizer="adam", lr=lr, min_lr=lr, weight_decay=optimizer_config.weight_decay,
+            adam_beta1=optimizer_config.adam_beta1, adam_beta2=optimizer_config.adam_beta2,
+            adam_eps=optimizer_config.adam_eps, clip_grad=optimizer_config.clip_grad, bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16, params_dtype=dtype, use_distributed_optimizer=use_distributed_optimizer)
+        self.optimizer = get_megatron_optimizer(megatron_optimizer_config, [self.wrapped])
+        self.scheduler = _scheduler(self.optimizer, lr, optimizer_config, train_iters)
         self.use_distributed_optimizer = use_distributed_optimizer
 
     def zero_grad(self) -> None:
-        self.net.zero_grad_buffer()
+        self.wrapped.zero_grad_buffer()
         self.optimizer.zero_grad()
 
     def step(self, skip: bool = False) -> StepResult:
@@ -279,7 +282,7 @@ class MegatronTrainable(Trainable):
         dist.all_reduce(nan, group=grad_sync_group())
         _pipeline_sum(nan)
         sum_pipeline_grads(self.module)  # on the local main_grad buffers, before DP reduces (or scatters) them
-        self.net.finish_grad_sync()  # averages over DP x CP (reduce-scatter with the distributed optimizer)
+        self.wrapped.finish_grad_sync()  # averages over DP x CP (reduce-scatter with the distributed optimizer)
         self.scheduler.step(1)
         # The norm must come from step(): before it, the optimizer's main parameters hold no gradients yet (it
         # copies them in first), so get_grad_norm() here would read 0. ChainedOptimizer.step() returns the norm
@@ -382,12 +385,12 @@ def separate_adam_steps(optimizer: torch.optim.Optimizer) -> None:
             st["step"] = st["step"].detach().clone()
 
 
-def make_trainable(kind: str, name: str, module, lr, cfg: OptimizerConfig, train_iters: int,
+def make_trainable(kind: str, name: str, module, lr, optimizer_config: OptimizerConfig, train_iters: int,
                    use_distributed_optimizer: bool = True) -> Trainable:
     if kind == "auto":
         kind = "megatron" if torch.cuda.is_available() else "torch"
     if kind == "megatron":
-        return MegatronTrainable(name, module, lr, cfg, train_iters, use_distributed_optimizer)
+        return MegatronTrainable(name, module, lr, optimizer_config, train_iters, use_distributed_optimizer)
     if kind == "torch":
-        return TorchTrainable(name, module, lr, cfg, train_iters)
+        return TorchTrainable(name, module, lr, optimizer_config, train_iters)
     raise ValueError(f"parallel.grad_sync must be auto, megatron or torch, got {kind!r}")

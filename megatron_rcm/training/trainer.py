@@ -27,7 +27,8 @@ from megatron_rcm.models import build_model, from_pretrained
 from megatron_rcm.models.loading import ARCHITECTURES, config_to_dict, inspect_checkpoint, save_megatron
 from megatron_rcm.parallel import state
 from megatron_rcm.training import checkpointing, memory
-from megatron_rcm.training.config import ConfigError, TrainingConfig, check_ranges, dump_config, model_preset
+from megatron_rcm.models import get_preset
+from megatron_rcm.training.config import ConfigError, TrainingConfig, apply_kernels_config, check_ranges, dump_config
 from megatron_rcm.training.data import build_batches
 from megatron_rcm.training.logger import TrainingLogger, append_metrics
 from megatron_rcm.training.step import RCMStep
@@ -54,7 +55,7 @@ def validate(config: TrainingConfig, world_size: int) -> int:
     if p.context_parallel_size > 1:
         from megatron_rcm.parallel.context import resolve_cp_comm
 
-        heads = model_preset(config.model.preset)[1].num_attention_heads
+        heads = get_preset(config.model.preset)[1].num_attention_heads
         if heads % p.tensor_model_parallel_size == 0:
             try:
                 resolve_cp_comm(p.cp_comm, heads // p.tensor_model_parallel_size, p.context_parallel_size)
@@ -70,7 +71,7 @@ def validate(config: TrainingConfig, world_size: int) -> int:
         raise ConfigError("training.train_iters must be >= 1")
     if config.model.params_dtype not in DTYPES:
         raise ConfigError(f"model.params_dtype must be one of {sorted(DTYPES)}, got {config.model.params_dtype!r}")
-    arch_name, preset = model_preset(config.model.preset)
+    arch_name, preset = get_preset(config.model.preset)
     if preset.num_attention_heads % p.tensor_model_parallel_size:
         raise ConfigError(f"{preset.num_attention_heads} attention heads are not divisible by tensor parallel size "
                           f"{p.tensor_model_parallel_size}")
@@ -85,7 +86,7 @@ def check_pipeline(config: TrainingConfig, num_micro: int) -> None:
     has at least as many micro-batches per iteration as there are stages (else 1F1B cannot fill the pipeline)."""
     p = config.parallel
     pp, layers = p.pipeline_model_parallel_size, list(p.pipeline_layers)
-    blocks = model_preset(config.model.preset)[1].num_layers
+    blocks = get_preset(config.model.preset)[1].num_layers
     if layers:
         if len(layers) != pp or any(n < 1 for n in layers) or sum(layers) != blocks:
             raise ConfigError(f"parallel.pipeline_layers {layers} must give each of the {pp} pipeline stages "
@@ -126,7 +127,7 @@ def check_teacher(config: TrainingConfig) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"model.teacher: {path!r} does not exist (the tiny default's teacher is made by "
                                 f"examples/pretrain_flow.py)")
-    arch_name, preset = model_preset(config.model.preset)
+    arch_name, preset = get_preset(config.model.preset)
     arch, found, _, _ = inspect_checkpoint(path)
     if arch.name != arch_name or found != preset:
         a, b = config_to_dict(found), config_to_dict(preset)
@@ -162,7 +163,7 @@ def check_resume(config: TrainingConfig, path: str) -> list[str]:
             saved = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as e:
         raise checkpointing.CheckpointError(f"{os.path.join(path, 'config.yaml')}: unreadable ({e})") from None
-    arch_name, preset = model_preset(config.model.preset)
+    arch_name, preset = get_preset(config.model.preset)
     pairs = {"training.micro_batch_size": (saved.get("training", {}).get("micro_batch_size"),
                                            config.training.micro_batch_size),
              "model.params_dtype": (meta.get("params_dtype"), config.model.params_dtype),
@@ -180,6 +181,7 @@ class Trainer:
     def __init__(self, config: TrainingConfig):
         self.config = c = config
         self.dp_size = validate(c, world_size_from_env())
+        apply_kernels_config(c.kernels)  # before any network runs; set RCM_* variables win
         rank = int(os.environ.get("RANK", "0"))
         self.lock = checkpointing.RunLock(c.run_dir)
         if rank == 0:
@@ -216,8 +218,8 @@ class Trainer:
         self.neg_text = self.batches.negative_text()
         # the passes of one micro-batch (training/step.py); sharded over the CP group when it has several ranks
         self.step = RCMStep(c.rcm, self.schedule, self.teacher_module, self.student.module,
-                            None if self.critic is None else self.critic.module, student_train=self.student.net,
-                            critic_train=None if self.critic is None else self.critic.net, neg_text=self.neg_text,
+                            None if self.critic is None else self.critic.module, student_train=self.student.wrapped,
+                            critic_train=None if self.critic is None else self.critic.wrapped, neg_text=self.neg_text,
                             cp_group=state.cp_group())
         self.iteration = 0
         self.evaluator = None
@@ -232,7 +234,7 @@ class Trainer:
         sp = c.model.sequence_parallel
         # every network is built as this rank's pipeline stage of the same split (names are the full model's)
         layers = list(c.parallel.pipeline_layers) or None
-        arch_name, preset = model_preset(c.model.preset)
+        arch_name, preset = get_preset(c.model.preset)
         self.arch, self.model_config = ARCHITECTURES[arch_name], preset
         if c.model.teacher:
             teacher = from_pretrained(c.model.teacher, params_dtype=dtype, sequence_parallel=sp, device=self.device,

@@ -1,5 +1,6 @@
 """The training config tree: YAML files, dotted overrides, unknown keys and wrong types are errors."""
 
+import dataclasses
 import glob
 import os
 
@@ -110,3 +111,23 @@ def test_print_config_round_trips(tmp_path, capsys):
     path.write_text(capsys.readouterr().out)
     assert load_config(str(path)) == load_config(None, overrides)
     assert load_config(str(path)).model.params_dtype == "bfloat16"
+
+
+def test_kernels_section_sets_the_switches_and_the_environment_overrides(monkeypatch):
+    from megatron_rcm.models.fusion import switch
+    from megatron_rcm.training.config import KernelsConfig, apply_kernels_config
+
+    # a private copy of the environment: what apply_kernels_config exports must not reach later tests
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("RCM_")})
+    os.environ["RCM_GELU_EPILOGUE"] = "1"  # set by the user: the config must not change it
+    apply_kernels_config(load_config(None, ["kernels.fusion=false", "kernels.gelu_epilogue=false",
+                                            "kernels.attention_backend=math"]).kernels)
+    assert not switch("RCM_FUSION") and switch("RCM_QKV_KERNEL") and switch("RCM_GELU_EPILOGUE")
+    assert os.environ["RCM_ATTENTION_BACKEND"] == "math"
+    assert "RCM_JVP_KERNEL_CONFIG" not in os.environ  # empty key: the kernel's own rule
+    # every key is read under its RCM_ name by the package or the kernels
+    repo = os.path.join(CONFIGS, "..", "..")
+    files = glob.glob(os.path.join(repo, "megatron_rcm", "**", "*.py"), recursive=True)
+    sources = "".join(open(p).read() for p in files + glob.glob(os.path.join(repo, "kernels", "*.py")))
+    for f in dataclasses.fields(KernelsConfig):
+        assert f'"RCM_{f.name.upper()}"' in sources, f.name

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from megatron_rcm.training.config import load_config, model_preset
+from megatron_rcm.models import get_preset
+from megatron_rcm.training.config import load_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "configs")
 
@@ -12,7 +13,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", 
 @pytest.mark.parametrize("name", ["cosmos-predict2-2b-t2i", "cosmos-predict2-14b-t2i"])
 def test_cosmos_configs(name):
     c = load_config(os.path.join(CONFIGS, f"{name}.yaml"))
-    arch, model = model_preset(c.model.preset)
+    arch, model = get_preset(c.model.preset)
     assert arch == "cosmos" and c.model.preset == name
     # the objective calls the network in the network's own timestep units
     assert c.rcm.timestep_scale == model.timestep_scale == 1.0

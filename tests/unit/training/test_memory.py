@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from megatron_rcm.training import memory
-from megatron_rcm.training.config import ConfigError, load_config, model_preset
+from megatron_rcm.models import get_preset
+from megatron_rcm.training.config import ConfigError, load_config
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 GiB = 2**30
@@ -36,7 +37,7 @@ def test_parameter_counts_match_a_hand_count_and_the_built_model():
     from megatron_rcm.models import build_model
     from megatron_rcm.models.loading import ARCHITECTURES
 
-    _, c = model_preset("wan-shapes-tiny")
+    _, c = get_preset("wan-shapes-tiny")
     lo, hi = _hand_count(c)
     table = memory.parameter_table("wan-shapes-tiny", "bfloat16")
     assert table.local(1, 1, 0, fp32=False) == lo and table.local(1, 1, 0, fp32=True) == hi
@@ -61,7 +62,7 @@ def test_parameter_counts_match_a_hand_count_and_the_built_model():
 
 def test_resident_memory_of_the_tiny_config_is_the_hand_count():
     config = load_config(None, ["model.params_dtype=bfloat16"])
-    _, c = model_preset(config.model.preset)
+    _, c = get_preset(config.model.preset)
     lo, hi = _hand_count(c)
     n = lo + hi
     est = memory.estimate(config, world_size=2)  # DP 2, megatron grad sync, distributed optimizer
@@ -82,7 +83,7 @@ def _saved_bytes(num_layers, checkpointing, size=32, batch=2, text=7, dtype=torc
     from megatron_rcm.models.loading import ARCHITECTURES
     from megatron_rcm.training.trainer import enable_activation_checkpointing
 
-    _, c = model_preset("wan-shapes-tiny")
+    _, c = get_preset("wan-shapes-tiny")
     c = dataclasses.replace(c, num_layers=num_layers)
     model = build_model(ARCHITECTURES["wan"], c, dtype, False, torch.device("cpu"))
     if checkpointing:
@@ -128,7 +129,7 @@ def test_text_token_and_math_attention_terms_match_the_tiny_model():
 def test_tiny_default_peak_is_the_sum_of_its_terms():
     """The tiny default on one GPU (float32, no checkpointing, micro-batch 8): the hand count of the terms."""
     config = load_config(None, ["rcm.tangent_warmup=0"])
-    _, c = model_preset(config.model.preset)
+    _, c = get_preset(config.model.preset)
     est = memory.estimate(config, 1)
     h, f, s, text, heads = c.hidden_size, c.ffn_dim, 128, 512, c.num_attention_heads
     scale = 2  # float32

@@ -1,7 +1,8 @@
 """Ring attention step cost: one K/V block's attention and the merge of its partial result, on one GPU.
 
 A ring-attention rank computes, per step, its queries against one K/V block (Sq = Sk = tokens / CP) and merges
-the partial result into its running one (DESIGN §3). This times both parts at Wan-14B 720p shard shapes
+the partial result into its running one (the (o, lse) / (o, o_tangent, lse, mu) merge of
+docs/architecture.md, "Context parallelism"). This times both parts at Wan-14B 720p shard shapes
 (75,600 tokens per sample, B1 H40 D128, bf16) for CP 2 / 4 / 8, with CUDA events (median of
 `triton.testing.do_bench`):
 

@@ -12,7 +12,7 @@ on the last; the worst stage is reported). Parameter counts come from the model 
 
 Activations (the with-grad pass dominates): with activation checkpointing each block keeps its input (one residual
 element per token) and the backward re-runs one block at a time; without it each block keeps everything its
-backward needs. Tokens are split 1/CP (DESIGN: the token sequence is split after patchify); with sequence
+backward needs. Tokens are split 1/CP (the token sequence is split after patchify, docs/architecture.md "Context parallelism"); with sequence
 parallelism the residual-stream tensors are split 1/TP too, the per-head and MLP tensors are split by TP always.
 The student's with-grad pass runs the sCM and DMD inputs as one batch (2 x micro-batch); the teacher's CFG passes
 run cond + uncond as one batch; the JVP pass carries a tangent next to each primal. The per-token byte counts

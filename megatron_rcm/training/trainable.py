@@ -7,7 +7,7 @@ training checkpoint reshards on load). Two implementations:
 - `MegatronTrainable` (CUDA): megatron-core `DistributedDataParallel` (contiguous fp32 grad buffers) +
   `get_megatron_optimizer` (Adam, distributed optimizer over the DP group) + `OptimizerParamScheduler`.
 - `TorchTrainable` (any device; the CPU/gloo path): the thinnest substitute, because megatron's DDP buffers, the
-  distributed optimizer and the schedules allocate on CUDA (DESIGN §4): one flat all-reduce of the grads over the
+  distributed optimizer and the schedules allocate on CUDA (docs/architecture.md, "Training loop"): one flat all-reduce of the grads over the
   DP(xCP) group + `torch.optim.AdamW` with the same settings + the same `OptimizerParamScheduler`.
 
 Both: loss normalisation "mean over DP x CP" (grads are averaged over that group), NaN/inf grads zeroed and counted

@@ -44,7 +44,7 @@ def test_parameter_counts_match_a_hand_count_and_the_built_model():
     real = build_model(ARCHITECTURES["wan"], c, torch.bfloat16, False, torch.device("cpu"))
     assert sum(p.numel() for p in real.parameters() if p.dtype == torch.bfloat16) == lo
     assert sum(p.numel() for p in real.parameters() if p.dtype == torch.float32) == hi
-    # DESIGN §5b, counted on the meta device with diffusers' classes
+    # the parameter count of diffusers' WanTransformer3DModel at this config, counted on the meta device
     assert memory.parameter_table("wan2.1-t2v-1.3b", "bfloat16").total == 1_418_996_800
     assert memory.parameter_table("wan2.1-t2v-14b", "bfloat16").total == 14_288_491_584
     # TP 2 halves exactly the layers megatron shards: qkv/q/kv/fc1 weights and biases, proj/fc2 weights, q/k norms
@@ -145,7 +145,7 @@ def test_tiny_default_peak_is_the_sum_of_its_terms():
 
 
 def test_estimate_matches_the_measured_scale_probe():
-    """DESIGN §6: Wan2.1-1.3B rCM iteration on one H200, 480p x 81, activation checkpointing, micro-batch 1:
+    """benchmarks/RESULTS.md: Wan2.1-1.3B rCM iteration on one H200, 480p x 81, activation checkpointing, micro-batch 1:
     peaks 70.8 GiB (student step) / 64.6 GiB (critic step), torch.cuda.max_memory_allocated."""
     from megatron_rcm.training.scale_probe import PROBE
 

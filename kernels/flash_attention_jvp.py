@@ -3,28 +3,29 @@
 On Hopper, :func:`flash_attention_jvp` hands supported inputs to the warp-specialised kernel of
 :mod:`rcm_kernels.flash_attention_jvp_hopper`, which computes the same recurrences with the same tiles.
 
-For ``o = softmax(scale * q k^T) v`` and tangents ``(tq, tk, tv)`` the kernel returns
+For ``o = softmax(scale * q k^T) v`` and tangents ``(q_tangent, k_tangent, v_tangent)`` the kernel returns
 
 * ``o``  — the attention output,
-* ``to`` — its directional derivative,
+* ``o_tangent`` — its directional derivative,
 * ``lse`` — the row log-sum-exp of ``scale * q k^T`` (natural log, float32),
 * ``mu`` — ``d lse``, the directional derivative of ``lse`` (float32).
 
-Per query row, with ``s = scale q k^T``, ``P = softmax(s)`` and ``dS = scale (tq k^T + q tk^T)``::
+Per query row, with ``s = scale q k^T``, ``P = softmax(s)`` and
+``dS = scale (q_tangent k^T + q k_tangent^T)``::
 
     d lse = sum_j P_j dS_j = mu
-    d o   = P tv + (P * dS) v - mu o
+    d o   = P v_tangent + (P * dS) v - mu o
 
 Streaming over key/value blocks as FlashAttention-2 does, each program keeps in fp32 the running
-max ``m``, the sum ``l = sum P~``, ``O~ = P~ v``, ``T~ = P~ tv + (P~ * dS) v`` and ``r = rowsum(P~ * dS)``,
-all rescaled by ``exp(m_old - m_new)`` when the max moves. The epilogue divides by ``l``:
-``o = O~ / l``, ``mu = r / l``, ``to = T~ / l - mu o``. ``P~ tv`` and ``(P~ * dS) v`` share one
+max ``m``, the sum ``l = sum P~``, ``O~ = P~ v``, ``T~ = P~ v_tangent + (P~ * dS) v`` and
+``r = rowsum(P~ * dS)``, all rescaled by ``exp(m_old - m_new)`` when the max moves. The epilogue divides by
+``l``: ``o = O~ / l``, ``mu = r / l``, ``o_tangent = T~ / l - mu o``. ``P~ v_tangent`` and ``(P~ * dS) v`` share one
 accumulator (they are only ever needed as a sum), which keeps two ``BLOCK_M x D`` fp32 tiles in
 registers instead of three.
 
-Cost per tile: ``q k^T``, ``tq k^T``, ``q tk^T``, ``P v``, ``P tv``, ``(P*dS) v`` — six GEMMs, three times the
-forward's FLOPs. With ``tk = tv = 0`` (cross-attention to text, whose keys/values carry no tangent)
-the ``q tk^T`` and ``P tv`` GEMMs are skipped.
+Cost per tile: ``q k^T``, ``q_tangent k^T``, ``q k_tangent^T``, ``P v``, ``P v_tangent``, ``(P*dS) v`` — six GEMMs,
+three times the forward's FLOPs. With ``k_tangent = v_tangent = 0`` (cross-attention to text, whose keys/values
+carry no tangent) the ``q k_tangent^T`` and ``P v_tangent`` GEMMs are skipped.
 
 ``lse`` and ``mu`` let partial results over disjoint key/value blocks be merged exactly (ring context
 parallelism); see ``megatron_rcm.models.attention.merge_attention_partials``.
@@ -74,7 +75,7 @@ class JVPKernelConfig:
     """Hold the error to that of fp32 math plus one rounding of the output. The GEMMs after the softmax
     take the probabilities as 16-bit operands; rounded to the input dtype they would add about as much
     error again as the output rounding. So: bf16 inputs run those GEMMs on fp16 operands (``v`` and
-    ``tv`` converted once, before the kernel, with a power-of-two scale that keeps them in range); fp16
+    ``v_tangent`` converted once, before the kernel, with a power-of-two scale that keeps them in range); fp16
     inputs split the probabilities into a high and a low fp16 part (three more GEMMs). ``False``: the
     probabilities are rounded to the input dtype (faster, about 1.4x the error)."""
 
@@ -139,12 +140,12 @@ def parse_config(text: str) -> JVPKernelConfig:
 @triton.jit
 def _jvp_tile(
     acc_o, acc_t, m_i, l_i, r_i,
-    q, tq,
-    k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
+    q, q_tangent,
+    k_ptrs, v_ptrs, k_tangent_ptrs, v_tangent_ptrs,
     start_n, seq_k,
     offs_n, mask_d,
     qk_scale, sm_scale,
-    HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+    HAS_K_TANGENT: tl.constexpr, HAS_V_TANGENT: tl.constexpr,
     MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
     SKIP_RESCALE: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
@@ -160,15 +161,15 @@ def _jvp_tile(
         k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
     kt = tl.trans(k)
     s = tl.dot(q, kt)
-    ds = tl.dot(tq, kt)
-    if HAS_TK:
+    ds = tl.dot(q_tangent, kt)
+    if HAS_K_TANGENT:
         if MASK_N:
-            tk = tl.load(tk_ptrs, mask=kv_mask, other=0.0)
+            k_tangent = tl.load(k_tangent_ptrs, mask=kv_mask, other=0.0)
         elif EVEN_D:
-            tk = tl.load(tk_ptrs)
+            k_tangent = tl.load(k_tangent_ptrs)
         else:
-            tk = tl.load(tk_ptrs, mask=mask_d[None, :], other=0.0)
-        ds = tl.dot(q, tl.trans(tk), ds)
+            k_tangent = tl.load(k_tangent_ptrs, mask=mask_d[None, :], other=0.0)
+        ds = tl.dot(q, tl.trans(k_tangent), ds)
     if MASK_N:
         s = tl.where(valid_n[None, :], s, float("-inf"))
 
@@ -206,23 +207,23 @@ def _jvp_tile(
         h_lo = (h - h_hi.to(tl.float32)).to(v.dtype)
         acc_o = tl.dot(p_lo, v, acc_o)
         acc_t = tl.dot(h_lo, v, acc_t)
-    if HAS_TV:
+    if HAS_V_TANGENT:
         if MASK_N:
-            tv = tl.load(tv_ptrs, mask=kv_mask, other=0.0)
+            v_tangent = tl.load(v_tangent_ptrs, mask=kv_mask, other=0.0)
         elif EVEN_D:
-            tv = tl.load(tv_ptrs)
+            v_tangent = tl.load(v_tangent_ptrs)
         else:
-            tv = tl.load(tv_ptrs, mask=mask_d[None, :], other=0.0)
-        acc_t = tl.dot(p_hi, tv, acc_t)
+            v_tangent = tl.load(v_tangent_ptrs, mask=mask_d[None, :], other=0.0)
+        acc_t = tl.dot(p_hi, v_tangent, acc_t)
         if SPLIT_P:
-            acc_t = tl.dot(p_lo, tv, acc_t)
+            acc_t = tl.dot(p_lo, v_tangent, acc_t)
     return acc_o, acc_t, m_new, l_i, r_i
 
 
 @triton.jit
 def _jvp_fwd_kernel(
-    Q, K, V, TQ, TK, TV,
-    O, TO, LSE, MU,
+    Q, K, V, Q_TANGENT, K_TANGENT, V_TANGENT,
+    O, O_TANGENT, LSE, MU,
     VSCALE,
     sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -238,7 +239,7 @@ def _jvp_fwd_kernel(
     num_heads, seq_q, seq_k,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+    HAS_K_TANGENT: tl.constexpr, HAS_V_TANGENT: tl.constexpr,
     EVEN_N: tl.constexpr,
     SKIP_RESCALE: tl.constexpr, SPLIT_P: tl.constexpr, HAS_VSCALE: tl.constexpr,
 ):
@@ -257,17 +258,17 @@ def _jvp_fwd_kernel(
 
     # 64-bit base offsets per (batch, head); in-tile offsets stay 32-bit.
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    tq_ptrs = (TQ + off_b * stride_tqb + off_h * stride_tqh
-               + offs_m[:, None] * stride_tqm + offs_d[None, :] * stride_tqd)
+    q_tangent_ptrs = (Q_TANGENT + off_b * stride_tqb + off_h * stride_tqh
+                      + offs_m[:, None] * stride_tqm + offs_d[None, :] * stride_tqd)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    tq = tl.load(tq_ptrs, mask=q_mask, other=0.0)
+    q_tangent = tl.load(q_tangent_ptrs, mask=q_mask, other=0.0)
 
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    tk_ptrs = (TK + off_b * stride_tkb + off_h * stride_tkh
-               + offs_n[:, None] * stride_tkn + offs_d[None, :] * stride_tkd)
-    tv_ptrs = (TV + off_b * stride_tvb + off_h * stride_tvh
-               + offs_n[:, None] * stride_tvn + offs_d[None, :] * stride_tvd)
+    k_tangent_ptrs = (K_TANGENT + off_b * stride_tkb + off_h * stride_tkh
+                      + offs_n[:, None] * stride_tkn + offs_d[None, :] * stride_tkd)
+    v_tangent_ptrs = (V_TANGENT + off_b * stride_tvb + off_h * stride_tvh
+                      + offs_n[:, None] * stride_tvn + offs_d[None, :] * stride_tvd)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -279,41 +280,41 @@ def _jvp_fwd_kernel(
     n_full = (seq_k // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc_o, acc_t, m_i, l_i, r_i = _jvp_tile(
-            acc_o, acc_t, m_i, l_i, r_i, q, tq,
-            k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
+            acc_o, acc_t, m_i, l_i, r_i, q, q_tangent,
+            k_ptrs, v_ptrs, k_tangent_ptrs, v_tangent_ptrs,
             start_n, seq_k, offs_n, mask_d, qk_scale, sm_scale,
-            HAS_TK, HAS_TV, False, EVEN_D, SKIP_RESCALE, SPLIT_P,
+            HAS_K_TANGENT, HAS_V_TANGENT, False, EVEN_D, SKIP_RESCALE, SPLIT_P,
         )
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
-        if HAS_TK:
-            tk_ptrs += BLOCK_N * stride_tkn
-        if HAS_TV:
-            tv_ptrs += BLOCK_N * stride_tvn
+        if HAS_K_TANGENT:
+            k_tangent_ptrs += BLOCK_N * stride_tkn
+        if HAS_V_TANGENT:
+            v_tangent_ptrs += BLOCK_N * stride_tvn
     if not EVEN_N:
         acc_o, acc_t, m_i, l_i, r_i = _jvp_tile(
-            acc_o, acc_t, m_i, l_i, r_i, q, tq,
-            k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
+            acc_o, acc_t, m_i, l_i, r_i, q, q_tangent,
+            k_ptrs, v_ptrs, k_tangent_ptrs, v_tangent_ptrs,
             n_full, seq_k, offs_n, mask_d, qk_scale, sm_scale,
-            HAS_TK, HAS_TV, True, EVEN_D, SKIP_RESCALE, SPLIT_P,
+            HAS_K_TANGENT, HAS_V_TANGENT, True, EVEN_D, SKIP_RESCALE, SPLIT_P,
         )
 
     inv_l = 1.0 / l_i
     if HAS_VSCALE:
-        # v and tv were divided by this power of two before their conversion to fp16.
+        # v and v_tangent were divided by this power of two before their conversion to fp16.
         vscale = tl.load(VSCALE)
         acc_o = acc_o * vscale
         acc_t = acc_t * vscale
     o = acc_o * inv_l[:, None]
     mu = r_i * inv_l
-    to = acc_t * inv_l[:, None] - mu[:, None] * o
+    o_tangent = acc_t * inv_l[:, None] - mu[:, None] * o
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
 
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    to_ptrs = (TO + off_b * stride_tob + off_h * stride_toh
-               + offs_m[:, None] * stride_tom + offs_d[None, :] * stride_tod)
+    o_tangent_ptrs = (O_TANGENT + off_b * stride_tob + off_h * stride_toh
+                      + offs_m[:, None] * stride_tom + offs_d[None, :] * stride_tod)
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(to_ptrs, to.to(TO.dtype.element_ty), mask=q_mask)
+    tl.store(o_tangent_ptrs, o_tangent.to(O_TANGENT.dtype.element_ty), mask=q_mask)
     tl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lm, lse, mask=mask_m)
     tl.store(MU + off_b * stride_mb + off_h * stride_mh + offs_m * stride_mm, mu, mask=mask_m)
 
@@ -337,51 +338,51 @@ def _check_pair(name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
         )
 
 
-def _values_as_fp16(v: torch.Tensor, tv: torch.Tensor | None):
-    """``v / c`` and ``tv / c`` in fp16, and ``c``: a power of two >= 1 that keeps them under 2^15.
+def _values_as_fp16(v: torch.Tensor, v_tangent: torch.Tensor | None):
+    """``v / c`` and ``v_tangent / c`` in fp16, and ``c``: a power of two >= 1 that keeps them under 2^15.
 
     bf16 -> fp16 is exact inside fp16's range; the scale (a device scalar: no host sync) guards the top
-    of the range, and dividing by a power of two is exact. Costs one read of ``v`` and ``tv`` for the max
+    of the range, and dividing by a power of two is exact. Costs one read of ``v`` and ``v_tangent`` for the max
     and one read + write for the conversion.
     """
     amax = torch.linalg.vector_norm(v, float("inf"), dtype=torch.float32)
-    if tv is not None:
-        amax = torch.maximum(amax, torch.linalg.vector_norm(tv, float("inf"), dtype=torch.float32))
+    if v_tangent is not None:
+        amax = torch.maximum(amax, torch.linalg.vector_norm(v_tangent, float("inf"), dtype=torch.float32))
     c = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax * 2.0**-15, min=1.0))))
     inv = (1.0 / c).to(v.dtype)
     v16 = torch.mul(v, inv).to(torch.float16)
-    tv16 = None if tv is None else torch.mul(tv, inv).to(torch.float16)
-    return v16, tv16, c
+    v_tangent16 = None if v_tangent is None else torch.mul(v_tangent, inv).to(torch.float16)
+    return v16, v_tangent16, c
 
 
 def flash_attention_jvp(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    tq: torch.Tensor,
-    tk: torch.Tensor | None = None,
-    tv: torch.Tensor | None = None,
+    q_tangent: torch.Tensor,
+    k_tangent: torch.Tensor | None = None,
+    v_tangent: torch.Tensor | None = None,
     *,
     scale: float | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     out_dtype: torch.dtype | None = None,
     config: JVPKernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention output and its JVP: ``(o, to, lse, mu)``.
+    """Attention output and its JVP: ``(o, o_tangent, lse, mu)``.
 
     Args:
-        q, tq: ``[B, H, Sq, D]`` queries and their tangent (any strides).
-        k, tk: ``[B, H, Sk, D]`` keys and their tangent; ``tk=None`` means a zero tangent.
-        v, tv: ``[B, H, Sk, D]`` values and their tangent; ``tv=None`` means a zero tangent.
+        q, q_tangent: ``[B, H, Sq, D]`` queries and their tangent (any strides).
+        k, k_tangent: ``[B, H, Sk, D]`` keys and their tangent; ``k_tangent=None`` means a zero tangent.
+        v, v_tangent: ``[B, H, Sk, D]`` values and their tangent; ``v_tangent=None`` means a zero tangent.
         scale: softmax scale, ``1/sqrt(D)`` by default.
-        out: optional preallocated ``(o, to, lse, mu)``: ``[B, H, Sq, D]`` (input dtype or float32) and
+        out: optional preallocated ``(o, o_tangent, lse, mu)``: ``[B, H, Sq, D]`` (input dtype or float32) and
             ``[B, H, Sq]`` float32; written in full.
-        out_dtype: dtype of ``o, to`` when ``out`` is not given (default: the input dtype). float32 keeps
+        out_dtype: dtype of ``o, o_tangent`` when ``out`` is not given (default: the input dtype). float32 keeps
             partial results over key/value blocks unrounded until they are merged (ring attention).
         config: launch configuration; :func:`default_config` otherwise.
 
     Returns:
-        ``o, to`` (input dtype unless asked otherwise), ``lse, mu`` float32 ``[B, H, Sq]``. Not
+        ``o, o_tangent`` (input dtype unless asked otherwise), ``lse, mu`` float32 ``[B, H, Sq]``. Not
         differentiable: meant for the no-grad JVP pass.
     """
     if q.dim() != 4:
@@ -398,11 +399,11 @@ def flash_attention_jvp(
         raise ValueError(f"head dim {D} > 256 is not supported")
     if Sk == 0:
         raise ValueError("empty key sequence")
-    _check_pair("tq", tq, q)
-    if tk is not None:
-        _check_pair("tk", tk, k)
-    if tv is not None:
-        _check_pair("tv", tv, v)
+    _check_pair("q_tangent", q_tangent, q)
+    if k_tangent is not None:
+        _check_pair("k_tangent", k_tangent, k)
+    if v_tangent is not None:
+        _check_pair("v_tangent", v_tangent, v)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
 
@@ -410,49 +411,51 @@ def flash_attention_jvp(
         # In q's memory layout (dense q only; else contiguous): the DiT passes [B, H, S, D] views of [S, B, H, D]
         # memory, and its permute back to [S, B, H*D] is then a view instead of a copy.
         o = torch.empty_like(q, dtype=out_dtype or q.dtype)
-        to = torch.empty_like(o)
+        o_tangent = torch.empty_like(o)
         lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
         mu = torch.empty_like(lse)
     else:
-        o, to, lse, mu = out
+        o, o_tangent, lse, mu = out
         for name, x, shape, dtypes in (
-            ("o", o, (B, H, Sq, D), (q.dtype, torch.float32)), ("to", to, (B, H, Sq, D), (q.dtype, torch.float32)),
+            ("o", o, (B, H, Sq, D), (q.dtype, torch.float32)),
+            ("o_tangent", o_tangent, (B, H, Sq, D), (q.dtype, torch.float32)),
             ("lse", lse, (B, H, Sq), (torch.float32,)), ("mu", mu, (B, H, Sq), (torch.float32,)),
         ):
             if tuple(x.shape) != shape or x.dtype not in dtypes or x.device != q.device:
                 raise ValueError(f"out {name}: expected {shape} {dtypes}, got {tuple(x.shape)} {x.dtype}")
     if B * H * Sq == 0:
-        return o, to, lse, mu
+        return o, o_tangent, lse, mu
 
-    has_tk, has_tv = tk is not None, tv is not None
-    cfg = config or default_config(D, Sq, Sk, B * H, has_tk or has_tv, q.dtype)
+    has_k_tangent, has_v_tangent = k_tangent is not None, v_tangent is not None
+    cfg = config or default_config(D, Sq, Sk, B * H, has_k_tangent or has_v_tangent, q.dtype)
     vscale = None
     if cfg.precise and q.dtype == torch.bfloat16:
-        v, tv, vscale = _values_as_fp16(v, tv)
+        v, v_tangent, vscale = _values_as_fp16(v, v_tangent)
     if cfg.warp_specialized and q.is_cuda and not (cfg.precise and q.dtype == torch.float16):
         hopper = _hopper_kernel()
-        if hopper is not None and hopper.hopper_kernel_supports(q, k, v, tq, tk, tv, o, to):
-            return hopper.flash_attention_jvp_hopper(q, k, v, tq, tk, tv, o, to, lse, mu, scale, vscale)
-    # Pointers of absent tangents are never dereferenced (HAS_TK / HAS_TV are compile-time): pass primals.
-    tk_ = tk if has_tk else k
-    tv_ = tv if has_tv else v
+        tensors = (q, k, v, q_tangent, k_tangent, v_tangent, o, o_tangent)
+        if hopper is not None and hopper.hopper_kernel_supports(*tensors):
+            return hopper.flash_attention_jvp_hopper(*tensors, lse, mu, scale, vscale)
+    # Pointers of absent tangents are never dereferenced (their HAS_*_TANGENT flags are compile-time): pass primals.
+    k_tangent_ = k_tangent if has_k_tangent else k
+    v_tangent_ = v_tangent if has_v_tangent else v
     grid = (triton.cdiv(Sq, cfg.block_m), B * H)
     _jvp_fwd_kernel[grid](
-        q, k, v, tq, tk_, tv_,
-        o, to, lse, mu,
+        q, k, v, q_tangent, k_tangent_, v_tangent_,
+        o, o_tangent, lse, mu,
         vscale if vscale is not None else lse,
         float(scale),
         *q.stride(), *k.stride(), *v.stride(),
-        *tq.stride(), *tk_.stride(), *tv_.stride(),
-        *o.stride(), *to.stride(), *lse.stride(), *mu.stride(),
+        *q_tangent.stride(), *k_tangent_.stride(), *v_tangent_.stride(),
+        *o.stride(), *o_tangent.stride(), *lse.stride(), *mu.stride(),
         H, Sq, Sk,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_TK=has_tk, HAS_TV=has_tv,
+        HAS_K_TANGENT=has_k_tangent, HAS_V_TANGENT=has_v_tangent,
         EVEN_N=(Sk % cfg.block_n == 0),
         SKIP_RESCALE=cfg.skip_rescale,
         SPLIT_P=cfg.precise and q.dtype == torch.float16,
         HAS_VSCALE=vscale is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return o, to, lse, mu
+    return o, o_tangent, lse, mu

@@ -42,11 +42,11 @@ _MAXNREG = 168
 @gluon.jit
 def _producer(descs, bufs, bars, off_b, off_h, off_m, seq_k):
     q_desc = descs[0]
-    tq_desc = descs[1]
+    q_tangent_desc = descs[1]
     k_desc = descs[2]
     v_desc = descs[3]
     q_s = bufs[0]
-    tq_s = bufs[1]
+    q_tangent_s = bufs[1]
     k_s = bufs[2]
     v_s = bufs[3]
     q_bar, k_ready, v_ready, kv_empty = bars
@@ -58,7 +58,8 @@ def _producer(descs, bufs, bars, off_b, off_h, off_m, seq_k):
     mbarrier.expect(q_bar, 4 * q_desc.block_type.nbytes)
     for w in gl.static_range(2):
         tma.async_copy_global_to_shared(q_desc, [off_b, off_h, off_m + w * ROWS, 0], q_bar, q_s.index(w))
-        tma.async_copy_global_to_shared(tq_desc, [off_b, off_h, off_m + w * ROWS, 0], q_bar, tq_s.index(w))
+        tma.async_copy_global_to_shared(q_tangent_desc, [off_b, off_h, off_m + w * ROWS, 0], q_bar,
+                                        q_tangent_s.index(w))
 
     if HAS_KV_TANGENT:
         kv_bytes: gl.constexpr = 2 * k_desc.block_type.nbytes
@@ -85,11 +86,11 @@ def _producer(descs, bufs, bars, off_b, off_h, off_m, seq_k):
 @gluon.jit
 def _consumer(bufs, bars, outs, off_b, off_h, off_m, seq_q, seq_k, sm_scale, WG: gl.constexpr):
     q_s = bufs[0]
-    tq_s = bufs[1]
+    q_tangent_s = bufs[1]
     k_s = bufs[2]
     v_s = bufs[3]
     q_bar, k_ready, v_ready, kv_empty = bars
-    O, TO, LSE, MU, VSCALE, o_strides, to_strides, lse_strides, mu_strides = outs
+    O, O_TANGENT, LSE, MU, VSCALE, o_strides, o_tangent_strides, lse_strides, mu_strides = outs
     HAS_KV_TANGENT: gl.constexpr = len(bufs) == 6
     ROWS: gl.constexpr = q_s.type.shape[3]
     HEAD_DIM: gl.constexpr = q_s.type.shape[4]
@@ -107,7 +108,7 @@ def _consumer(bufs, bars, outs, off_b, off_h, off_m, seq_q, seq_k, sm_scale, WG:
     o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
 
     q = q_s.index(WG).reshape([ROWS, HEAD_DIM])
-    tq = tq_s.index(WG).reshape([ROWS, HEAD_DIM])
+    q_tangent = q_tangent_s.index(WG).reshape([ROWS, HEAD_DIM])
     qk_scale = sm_scale * 1.4426950408889634
 
     m_i = gl.full([ROWS], float("-inf"), gl.float32, s_rows)
@@ -126,10 +127,10 @@ def _consumer(bufs, bars, outs, off_b, off_h, off_m, seq_q, seq_k, sm_scale, WG:
         mbarrier.wait(k_ready.index(stage), phase)
         k_t = k_s.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         s = warpgroup_mma(q, k_t, zero_s, use_acc=False, is_async=True)
-        ds = warpgroup_mma(tq, k_t, zero_s, use_acc=False, is_async=True)
+        ds = warpgroup_mma(q_tangent, k_t, zero_s, use_acc=False, is_async=True)
         if HAS_KV_TANGENT:
-            tk_t = bufs[4].index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-            ds = warpgroup_mma(q, tk_t, ds, is_async=True)
+            k_tangent_t = bufs[4].index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+            ds = warpgroup_mma(q, k_tangent_t, ds, is_async=True)
         s, ds = warpgroup_mma_wait(0, deps=(s, ds))
 
         # Keys past the end were zero-filled by TMA; only their scores need masking.
@@ -152,12 +153,12 @@ def _consumer(bufs, bars, outs, off_b, off_h, off_m, seq_q, seq_k, sm_scale, WG:
         acc_o = warpgroup_mma(p16, v, acc_o, is_async=True)
         acc_t = warpgroup_mma(h16, v, acc_t, is_async=True)
         if HAS_KV_TANGENT:
-            tv = bufs[5].index(stage).reshape([BLOCK_N, HEAD_DIM])
-            acc_t = warpgroup_mma(p16, tv, acc_t, is_async=True)
+            v_tangent = bufs[5].index(stage).reshape([BLOCK_N, HEAD_DIM])
+            acc_t = warpgroup_mma(p16, v_tangent, acc_t, is_async=True)
         acc_o, acc_t = warpgroup_mma_wait(0, deps=(acc_o, acc_t))
         mbarrier.arrive(kv_empty.index(stage), count=1)
 
-    # v and tv may have been divided by a power of two before their conversion to fp16.
+    # v and v_tangent may have been divided by a power of two before their conversion to fp16.
     vscale = gl.load(VSCALE)
     acc_o = acc_o * vscale
     acc_t = acc_t * vscale
@@ -167,17 +168,17 @@ def _consumer(bufs, bars, outs, off_b, off_h, off_m, seq_q, seq_k, sm_scale, WG:
     inv_l_o = gl.expand_dims(gl.convert_layout(inv_l, o_rows), 1)
     mu_o = gl.expand_dims(gl.convert_layout(mu, o_rows), 1)
     o = acc_o * inv_l_o
-    to = acc_t * inv_l_o - mu_o * o
+    o_tangent = acc_t * inv_l_o - mu_o * o
 
     rows_o = off_m + WG * ROWS + gl.arange(0, ROWS, layout=o_rows)
     cols_o = gl.arange(0, HEAD_DIM, layout=o_cols)
     mask_o = gl.expand_dims(rows_o < seq_q, 1) & gl.expand_dims(cols_o < HEAD_DIM, 0)
     o_off = (off_b * o_strides[0] + off_h * o_strides[1]
              + gl.expand_dims(rows_o, 1).to(gl.int64) * o_strides[2] + gl.expand_dims(cols_o, 0))
-    to_off = (off_b * to_strides[0] + off_h * to_strides[1]
-              + gl.expand_dims(rows_o, 1).to(gl.int64) * to_strides[2] + gl.expand_dims(cols_o, 0))
+    o_tangent_off = (off_b * o_tangent_strides[0] + off_h * o_tangent_strides[1]
+                     + gl.expand_dims(rows_o, 1).to(gl.int64) * o_tangent_strides[2] + gl.expand_dims(cols_o, 0))
     gl.store(O + o_off, o.to(O.dtype.element_ty), mask=mask_o)
-    gl.store(TO + to_off, to.to(TO.dtype.element_ty), mask=mask_o)
+    gl.store(O_TANGENT + o_tangent_off, o_tangent.to(O_TANGENT.dtype.element_ty), mask=mask_o)
     rows_s = off_m + WG * ROWS + gl.arange(0, ROWS, layout=s_rows)
     mask_s = rows_s < seq_q
     gl.store(LSE + off_b * lse_strides[0] + off_h * lse_strides[1] + rows_s * lse_strides[2], lse, mask=mask_s)
@@ -196,8 +197,8 @@ def _consumer_1(bufs, bars, outs, off_b, off_h, off_m, seq_q, seq_k, sm_scale):
 
 @gluon.jit
 def _jvp_fwd_hopper_kernel(
-    q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc,
-    O, TO, LSE, MU, VSCALE,
+    q_desc, q_tangent_desc, k_desc, k_tangent_desc, v_desc, v_tangent_desc,
+    O, O_TANGENT, LSE, MU, VSCALE,
     stride_ob, stride_oh, stride_om,
     stride_tob, stride_toh, stride_tom,
     stride_lb, stride_lh, stride_lm,
@@ -215,7 +216,8 @@ def _jvp_fwd_hopper_kernel(
     off_m = pid_m * (2 * ROWS)
 
     q_s = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-    tq_s = gl.allocate_shared_memory(tq_desc.dtype, [2] + tq_desc.block_type.shape, tq_desc.layout)
+    q_tangent_s = gl.allocate_shared_memory(q_tangent_desc.dtype, [2] + q_tangent_desc.block_type.shape,
+                                            q_tangent_desc.layout)
     k_s = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_s = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -229,15 +231,17 @@ def _jvp_fwd_hopper_kernel(
         mbarrier.init(kv_empty.index(i), count=2)
 
     if HAS_KV_TANGENT:
-        tk_s = gl.allocate_shared_memory(tk_desc.dtype, [STAGES] + tk_desc.block_type.shape, tk_desc.layout)
-        tv_s = gl.allocate_shared_memory(tv_desc.dtype, [STAGES] + tv_desc.block_type.shape, tv_desc.layout)
-        descs = (q_desc, tq_desc, k_desc, v_desc, tk_desc, tv_desc)
-        bufs = (q_s, tq_s, k_s, v_s, tk_s, tv_s)
+        k_tangent_s = gl.allocate_shared_memory(k_tangent_desc.dtype, [STAGES] + k_tangent_desc.block_type.shape,
+                                                k_tangent_desc.layout)
+        v_tangent_s = gl.allocate_shared_memory(v_tangent_desc.dtype, [STAGES] + v_tangent_desc.block_type.shape,
+                                                v_tangent_desc.layout)
+        descs = (q_desc, q_tangent_desc, k_desc, v_desc, k_tangent_desc, v_tangent_desc)
+        bufs = (q_s, q_tangent_s, k_s, v_s, k_tangent_s, v_tangent_s)
     else:
-        descs = (q_desc, tq_desc, k_desc, v_desc)
-        bufs = (q_s, tq_s, k_s, v_s)
+        descs = (q_desc, q_tangent_desc, k_desc, v_desc)
+        bufs = (q_s, q_tangent_s, k_s, v_s)
     bars = (q_bar, k_ready, v_ready, kv_empty)
-    outs = (O, TO, LSE, MU, VSCALE, (stride_ob, stride_oh, stride_om), (stride_tob, stride_toh, stride_tom),
+    outs = (O, O_TANGENT, LSE, MU, VSCALE, (stride_ob, stride_oh, stride_om), (stride_tob, stride_toh, stride_tom),
             (stride_lb, stride_lh, stride_lm), (stride_mb, stride_mh, stride_mm))
     consumer_args = (bufs, bars, outs, off_b, off_h, off_m, seq_q, seq_k, sm_scale)
     gl.warp_specialize([
@@ -258,16 +262,16 @@ def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(x, list(x.shape), _tma_strides(x), block, layout)
 
 
-def hopper_kernel_supports(q, k, v, tq, tk, tv, o, to) -> bool:
+def hopper_kernel_supports(q, k, v, q_tangent, k_tangent, v_tangent, o, o_tangent) -> bool:
     """Whether :func:`flash_attention_jvp_hopper` takes these inputs (otherwise use the portable kernel)."""
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in (64, 128):
         return False
-    if (tk is None) != (tv is None) or o.stride(-1) != 1 or to.stride(-1) != 1:
+    if (k_tangent is None) != (v_tangent is None) or o.stride(-1) != 1 or o_tangent.stride(-1) != 1:
         return False
     # TMA: 16-byte aligned base and strides, unit stride along the head dim.
-    for x in (q, k, v, tq, tk, tv):
+    for x in (q, k, v, q_tangent, k_tangent, v_tangent):
         if x is None:
             continue
         if x.stride(-1) != 1 or x.data_ptr() % 16 or any((s * x.element_size()) % 16 for s in _tma_strides(x)[:-1]):
@@ -281,21 +285,21 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
     return torch.ones(1, device=device)
 
 
-def flash_attention_jvp_hopper(q, k, v, tq, tk, tv, o, to, lse, mu, scale, vscale,
+def flash_attention_jvp_hopper(q, k, v, q_tangent, k_tangent, v_tangent, o, o_tangent, lse, mu, scale, vscale,
                                block_n: int = 64, stages: int = 2, consumer_regs: int = 240):
     """Launch the warp-specialised kernel; arguments as checked and prepared by ``flash_attention_jvp``
-    (``v``/``tv`` possibly already converted to fp16, ``vscale`` their power-of-two scale or None)."""
+    (``v``/``v_tangent`` possibly already converted to fp16, ``vscale`` their power-of-two scale or None)."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
-    has_kv_tangent = tk is not None
-    descs = [_descriptor(x, _ROWS_PER_WARPGROUP if x is q or x is tq else block_n)
-             for x in (q, tq, k, tk if has_kv_tangent else k, v, tv if has_kv_tangent else v)]
+    has_kv_tangent = k_tangent is not None
+    descs = [_descriptor(x, _ROWS_PER_WARPGROUP if x is q or x is q_tangent else block_n)
+             for x in (q, q_tangent, k, k_tangent if has_kv_tangent else k, v, v_tangent if has_kv_tangent else v)]
     grid = (triton.cdiv(Sq, _BLOCK_M), B * H)
     _jvp_fwd_hopper_kernel[grid](
         *descs,
-        o, to, lse, mu, vscale if vscale is not None else _unit_scale(q.device),
+        o, o_tangent, lse, mu, vscale if vscale is not None else _unit_scale(q.device),
         o.stride(0), o.stride(1), o.stride(2),
-        to.stride(0), to.stride(1), to.stride(2),
+        o_tangent.stride(0), o_tangent.stride(1), o_tangent.stride(2),
         *lse.stride(), *mu.stride(),
         float(scale), H, Sq, Sk,
         HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages,
@@ -303,7 +307,7 @@ def flash_attention_jvp_hopper(q, k, v, tq, tk, tv, o, to, lse, mu, scale, vscal
         CONSUMER_REGS=consumer_regs,
         num_warps=4, maxnreg=_MAXNREG,
     )
-    return o, to, lse, mu
+    return o, o_tangent, lse, mu
 
 
 def compile_for_sm90(head_dim: int = 128, block_n: int = 64, has_kv_tangent: bool = True, stages: int = 2,
@@ -324,10 +328,11 @@ def compile_for_sm90(head_dim: int = 128, block_n: int = 64, has_kv_tangent: boo
 
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, HAS_KV_TANGENT=has_kv_tangent,
                       CONSUMER_REGS=consumer_regs)
-    kinds = {"q_desc": desc(_ROWS_PER_WARPGROUP, dtype), "tq_desc": desc(_ROWS_PER_WARPGROUP, dtype),
-             "k_desc": desc(block_n, dtype), "tk_desc": desc(block_n, dtype),
-             "v_desc": desc(block_n, value_dtype), "tv_desc": desc(block_n, value_dtype),
-             "O": f"*{dtype}", "TO": f"*{dtype}", "LSE": "*fp32", "MU": "*fp32", "VSCALE": "*fp32", "sm_scale": "fp32"}
+    kinds = {"q_desc": desc(_ROWS_PER_WARPGROUP, dtype), "q_tangent_desc": desc(_ROWS_PER_WARPGROUP, dtype),
+             "k_desc": desc(block_n, dtype), "k_tangent_desc": desc(block_n, dtype),
+             "v_desc": desc(block_n, value_dtype), "v_tangent_desc": desc(block_n, value_dtype),
+             "O": f"*{dtype}", "O_TANGENT": f"*{dtype}", "LSE": "*fp32", "MU": "*fp32", "VSCALE": "*fp32",
+             "sm_scale": "fp32"}
     signature = {}
     for name in _jvp_fwd_hopper_kernel.arg_names:
         if name in constexprs:

@@ -4,7 +4,7 @@ All tensors are laid out ``[B, H, S, D]`` with arbitrary strides (the DiT passes
 ``[S, B, H, D]`` activations). Entry points:
 
 * :func:`attention` — plain attention for passes without tangents, on the fastest backend available.
-* :func:`attention_jvp` — ``(o, to, lse, mu)`` for the no-grad JVP pass: the Triton FlashAttention-2
+* :func:`attention_jvp` — ``(o, o_tangent, lse, mu)`` for the no-grad JVP pass: the Triton FlashAttention-2
   JVP kernel on CUDA with bf16/fp16, :func:`math_attention_jvp` otherwise.
 * :func:`math_attention_jvp` — explicit math (no ``torch.func``), float64-capable; the CPU path and the
   test oracle.
@@ -176,49 +176,50 @@ def math_attention_jvp(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    tq: torch.Tensor,
-    tk: torch.Tensor | None = None,
-    tv: torch.Tensor | None = None,
+    q_tangent: torch.Tensor,
+    k_tangent: torch.Tensor | None = None,
+    v_tangent: torch.Tensor | None = None,
     *,
     scale: float | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> AttentionJVPResult:
-    """``(o, to, lse, mu)`` by explicit formulas, chunked over query rows.
+    """``(o, o_tangent, lse, mu)`` by explicit formulas, chunked over query rows.
 
-    With ``s = scale q k^T``, ``p = softmax(s)``, ``ds = scale (tq k^T + q tk^T)``:
-    ``lse = logsumexp(s)``, ``mu = sum_j p_j ds_j``, ``o = p v``, ``to = p tv + (p * (ds - mu)) v``.
-    Computed in float64 for float64 inputs, float32 otherwise; ``o, to`` are returned in ``out_dtype``
+    With ``s = scale q k^T``, ``p = softmax(s)``, ``ds = scale (q_tangent k^T + q k_tangent^T)``:
+    ``lse = logsumexp(s)``, ``mu = sum_j p_j ds_j``, ``o = p v``,
+    ``o_tangent = p v_tangent + (p * (ds - mu)) v``.
+    Computed in float64 for float64 inputs, float32 otherwise; ``o, o_tangent`` are returned in ``out_dtype``
     (default: the input dtype), ``lse, mu`` in the compute dtype.
     """
     scale = _default_scale(q, scale)
     cdt = _compute_dtype(q.dtype)
     kc, vc = k.to(cdt), v.to(cdt)
-    tkc = tk.to(cdt) if tk is not None else None
-    tvc = tv.to(cdt) if tv is not None else None
+    k_tangent = k_tangent.to(cdt) if k_tangent is not None else None
+    v_tangent = v_tangent.to(cdt) if v_tangent is not None else None
     kt = kc.transpose(-1, -2)
-    os_, tos, lses, mus = [], [], [], []
-    for q_chunk, tq_chunk in zip(q.split(_MATH_CHUNK_ROWS, dim=2), tq.split(_MATH_CHUNK_ROWS, dim=2)):
-        qc, tqc = q_chunk.to(cdt), tq_chunk.to(cdt)
+    os_, o_tangents, lses, mus = [], [], [], []
+    for q_chunk, q_tangent_chunk in zip(q.split(_MATH_CHUNK_ROWS, dim=2), q_tangent.split(_MATH_CHUNK_ROWS, dim=2)):
+        qc, q_tangent_c = q_chunk.to(cdt), q_tangent_chunk.to(cdt)
         s = torch.matmul(qc, kt) * scale
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse.unsqueeze(-1))
-        ds = torch.matmul(tqc, kt)
-        if tkc is not None:
-            ds = ds + torch.matmul(qc, tkc.transpose(-1, -2))
+        ds = torch.matmul(q_tangent_c, kt)
+        if k_tangent is not None:
+            ds = ds + torch.matmul(qc, k_tangent.transpose(-1, -2))
         ds = ds * scale
         mu = (p * ds).sum(dim=-1)
         o = torch.matmul(p, vc)
-        to = torch.matmul(p * (ds - mu.unsqueeze(-1)), vc)
-        if tvc is not None:
-            to = to + torch.matmul(p, tvc)
+        o_tangent = torch.matmul(p * (ds - mu.unsqueeze(-1)), vc)
+        if v_tangent is not None:
+            o_tangent = o_tangent + torch.matmul(p, v_tangent)
         os_.append(o)
-        tos.append(to)
+        o_tangents.append(o_tangent)
         lses.append(lse)
         mus.append(mu)
     out_dtype = out_dtype or q.dtype
     return (
         torch.cat(os_, dim=2).to(out_dtype),
-        torch.cat(tos, dim=2).to(out_dtype),
+        torch.cat(o_tangents, dim=2).to(out_dtype),
         torch.cat(lses, dim=2),
         torch.cat(mus, dim=2),
     )
@@ -241,51 +242,51 @@ def attention_jvp(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    tq: torch.Tensor,
-    tk: torch.Tensor | None = None,
-    tv: torch.Tensor | None = None,
+    q_tangent: torch.Tensor,
+    k_tangent: torch.Tensor | None = None,
+    v_tangent: torch.Tensor | None = None,
     *,
     scale: float | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> AttentionJVPResult:
-    """Attention and its JVP, ``(o, to, lse, mu)``, under ``no_grad``.
+    """Attention and its JVP, ``(o, o_tangent, lse, mu)``, under ``no_grad``.
 
-    ``tk = tv = None`` means zero key/value tangents (cross-attention to text), which skips two of the six
-    GEMMs. On CUDA with bf16/fp16 inputs this runs the Triton kernel (fp32 accumulators); otherwise
-    :func:`math_attention_jvp`. ``out_dtype=torch.float32`` keeps ``o, to`` unrounded, for partial results
+    ``k_tangent = v_tangent = None`` means zero key/value tangents (cross-attention to text), which skips two
+    of the six GEMMs. On CUDA with bf16/fp16 inputs this runs the Triton kernel (fp32 accumulators); otherwise
+    :func:`math_attention_jvp`. ``out_dtype=torch.float32`` keeps ``o, o_tangent`` unrounded, for partial results
     that :func:`merge_attention_partials` combines (ring attention) before one final rounding.
     """
     with torch.no_grad():
         if _kernel_supports(q):
             kernel = _kernel()
             if kernel is not None:
-                return kernel(q, k, v, tq, tk, tv, scale=scale, out_dtype=out_dtype)
-        return math_attention_jvp(q, k, v, tq, tk, tv, scale=scale, out_dtype=out_dtype)
+                return kernel(q, k, v, q_tangent, k_tangent, v_tangent, scale=scale, out_dtype=out_dtype)
+        return math_attention_jvp(q, k, v, q_tangent, k_tangent, v_tangent, scale=scale, out_dtype=out_dtype)
 
 
 def merge_attention_partials(parts: list[AttentionJVPResult] | tuple[AttentionJVPResult, ...]) -> AttentionJVPResult:
-    """Merge ``(o, to, lse, mu)`` computed over disjoint key/value blocks into the full result.
+    """Merge ``(o, o_tangent, lse, mu)`` computed over disjoint key/value blocks into the full result.
 
     With ``LSE = logsumexp_b lse_b`` and ``w_b = exp(lse_b - LSE)``::
 
-        o    = sum_b w_b o_b
-        dLSE = sum_b w_b mu_b
-        to   = sum_b w_b [to_b + (mu_b - dLSE) o_b]
+        o         = sum_b w_b o_b
+        dLSE      = sum_b w_b mu_b
+        o_tangent = sum_b w_b [o_tangent_b + (mu_b - dLSE) o_b]
 
-    (the second term is ``d w_b = w_b (mu_b - dLSE)``). Parts of a plain pass carry ``to = mu = None``: then
-    only ``o`` and ``lse`` are merged (``(o, None, lse, None)`` comes back). A part whose keys were all masked
-    (``lse_b = -inf``) gets weight 0. Accumulates in float32 (float64 for float64 statistics); returns
-    ``o, to`` in the dtype of the first part's ``o``. Give it float32 parts (``out_dtype`` of
+    (the second term is ``d w_b = w_b (mu_b - dLSE)``). Parts of a plain pass carry ``o_tangent = mu = None``:
+    then only ``o`` and ``lse`` are merged (``(o, None, lse, None)`` comes back). A part whose keys were all
+    masked (``lse_b = -inf``) gets weight 0. Accumulates in float32 (float64 for float64 statistics); returns
+    ``o, o_tangent`` in the dtype of the first part's ``o``. Give it float32 parts (``out_dtype`` of
     :func:`attention_jvp`) and round once afterwards: bf16 parts would carry one rounding each.
     """
     if len(parts) == 0:
         raise ValueError("nothing to merge")
-    # merging pairwise is exact: the running (o, to, lse, mu) is itself the result over the blocks so far
+    # merging pairwise is exact: the running (o, o_tangent, lse, mu) is itself the result over the blocks so far
     return functools.reduce(merge_attention_pair, parts[1:], tuple(parts[0]))
 
 
 @fused
-def _merge_pair(o1, to1, lse1, mu1, o2, to2, lse2, mu2):
+def _merge_pair(o1, o1_tangent, lse1, mu1, o2, o2_tangent, lse2, mu2):
     cdt = torch.float64 if lse1.dtype == torch.float64 else torch.float32
     l1, l2 = lse1.to(cdt), lse2.to(cdt)
     lse = torch.logaddexp(l1, l2)
@@ -295,20 +296,21 @@ def _merge_pair(o1, to1, lse1, mu1, o2, to2, lse2, mu2):
     a1 = torch.where(w1_ > 0, o1.to(cdt), 0.0)
     a2 = torch.where(w2_ > 0, o2.to(cdt), 0.0)
     o = w1_ * a1 + w2_ * a2
-    if to1 is None:
+    if o1_tangent is None:
         return o.to(o1.dtype), None, lse, None
     m1 = torch.where(w1 > 0, mu1.to(cdt), 0.0)
     m2 = torch.where(w2 > 0, mu2.to(cdt), 0.0)
     mu = w1 * m1 + w2 * m2
-    t1 = torch.where(w1_ > 0, to1.to(cdt), 0.0)
-    t2 = torch.where(w2_ > 0, to2.to(cdt), 0.0)
-    to = w1_ * (t1 + (m1 - mu).unsqueeze(-1) * a1) + w2_ * (t2 + (m2 - mu).unsqueeze(-1) * a2)
-    return o.to(o1.dtype), to.to(o1.dtype), lse, mu
+    a1_tangent = torch.where(w1_ > 0, o1_tangent.to(cdt), 0.0)
+    a2_tangent = torch.where(w2_ > 0, o2_tangent.to(cdt), 0.0)
+    o_tangent = (w1_ * (a1_tangent + (m1 - mu).unsqueeze(-1) * a1)
+                 + w2_ * (a2_tangent + (m2 - mu).unsqueeze(-1) * a2))
+    return o.to(o1.dtype), o_tangent.to(o1.dtype), lse, mu
 
 
 def merge_attention_pair(running: AttentionJVPResult, part: AttentionJVPResult) -> AttentionJVPResult:
     """`merge_attention_partials([running, part])` as one fused elementwise region on CUDA (each tensor read
-    once): the ring's per-step merge. Plain parts carry ``to = mu = None``."""
+    once): the ring's per-step merge. Plain parts carry ``o_tangent = mu = None``."""
     return _merge_pair(*running, *part)
 
 

@@ -13,7 +13,7 @@ Self-attention under CP (`context_parallel_attention`, `context_parallel_attenti
 - **ring**: each rank keeps its queries; the K/V blocks (stacked with their tangents) travel around the ring
   by point-to-point messages, the next block's transfer posted before the current block's attention runs;
   partial results are merged exactly by their log-sum-exp (`attention.merge_attention_pair`: `(o, lse)` for
-  plain passes, `(o, to, lse, mu)` for the JVP pass). With autograd the ring has its own backward
+  plain passes, `(o, o_tangent, lse, mu)` for the JVP pass). With autograd the ring has its own backward
   (`_RingAttention`): per K/V block the ordinary attention backward against the merged `o` and LSE, with the
   block's dK/dV travelling on around the ring back to their owner.
 
@@ -243,20 +243,21 @@ def _valid_keys(block: torch.Tensor, split: TokenSplit, owner: int) -> torch.Ten
     return block if n == split.chunk else block[..., :n, :]
 
 
-def ring_attention_jvp(q, k, v, tq, tk, tv, split: TokenSplit, scale: float | None = None):
-    """(o, to) of this rank's queries [B, H, S_local, D] over every rank's keys, K/V and their tangents passed
+def ring_attention_jvp(q, k, v, q_tangent, k_tangent, v_tangent, split: TokenSplit, scale: float | None = None):
+    """(o, o_tangent) of this rank's queries [B, H, S_local, D] over every rank's keys, K/V and their tangents passed
     around the ring in one message per step, partials merged by (lse, mu). No autograd."""
     from megatron_rcm.models.attention import attention_jvp, merge_attention_pair
 
     with torch.no_grad():
-        kv = torch.stack([k, v, torch.zeros_like(k) if tk is None else tk, torch.zeros_like(v) if tv is None else tv])
+        kv = torch.stack([k, v, torch.zeros_like(k) if k_tangent is None else k_tangent,
+                          torch.zeros_like(v) if v_tangent is None else v_tangent])
         acc = None
         for owner, block in _ring_blocks(kv, split):
             block = _valid_keys(block, split, owner)
             if block is None:
                 continue
-            part = attention_jvp(q, block[0], block[1], tq, block[2], block[3], scale=scale, out_dtype=torch.float32
-                                 if q.dtype in (torch.float16, torch.bfloat16) else None)
+            part = attention_jvp(q, block[0], block[1], q_tangent, block[2], block[3], scale=scale,
+                                 out_dtype=torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else None)
             acc = part if acc is None else merge_attention_pair(acc, part)
         return acc[0].to(q.dtype), acc[1].to(q.dtype)
 
@@ -316,7 +317,7 @@ class _RingAttention(torch.autograd.Function):
 
 def ring_attention(q, k, v, split: TokenSplit, scale: float | None = None):
     """o of this rank's queries [B, H, S_local, D] over every rank's keys; differentiable (ring backward)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return _RingAttention.apply(q, k, v, split, scale)
     with torch.no_grad():
         return _ring_forward(q, k, v, split, scale)[0].to(q.dtype)

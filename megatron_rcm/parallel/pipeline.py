@@ -56,12 +56,12 @@ _HEADER = 3 + _MAX_DIMS
 """dtype, dims, whether the sender's tensor takes part in autograd, shape."""
 
 
-def _header(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
-    if t.dtype not in _DTYPES or t.dim() > _MAX_DIMS:
-        raise ValueError(f"cannot send a {t.dtype} tensor of {t.dim()} dims between pipeline stages")
+def _header(tensor: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    if tensor.dtype not in _DTYPES or tensor.dim() > _MAX_DIMS:
+        raise ValueError(f"cannot send a {tensor.dtype} tensor of {tensor.dim()} dims between pipeline stages")
     h = torch.full((_HEADER,), -1, dtype=torch.int64)
-    h[0], h[1], h[2] = _DTYPES.index(t.dtype), t.dim(), int(grad)
-    h[3:3 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    h[0], h[1], h[2] = _DTYPES.index(tensor.dtype), tensor.dim(), int(grad)
+    h[3:3 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
     return h
 
 
@@ -74,12 +74,12 @@ def _device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def send_tensor(t: torch.Tensor, dst: int, grad: bool = False) -> None:
-    """Send `t` (with its header) to global rank `dst` of the pipeline group; `grad`: tell the receiver that a
+def send_tensor(tensor: torch.Tensor, dst: int, grad: bool = False) -> None:
+    """Send `tensor` (with its header) to global rank `dst` of the pipeline group; `grad`: tell the receiver that a
     gradient is expected back."""
-    dev = t.device
-    dist.send(_header(t, grad).to(dev), dst, group=pp_group())
-    dist.send(t.detach().contiguous(), dst, group=pp_group())
+    dev = tensor.device
+    dist.send(_header(tensor, grad).to(dev), dst, group=pp_group())
+    dist.send(tensor.detach().contiguous(), dst, group=pp_group())
 
 
 def recv_tensor(src: int, with_flag: bool = False):
@@ -89,20 +89,20 @@ def recv_tensor(src: int, with_flag: bool = False):
     h = torch.empty(_HEADER, dtype=torch.int64, device=dev)
     dist.recv(h, src, group=pp_group())
     h = h.cpu()
-    t = _empty_from(h, dev)
-    dist.recv(t, src, group=pp_group())
-    return (t, bool(h[2])) if with_flag else t
+    tensor = _empty_from(h, dev)
+    dist.recv(tensor, src, group=pp_group())
+    return (tensor, bool(h[2])) if with_flag else tensor
 
 
-def broadcast_from_last(t: torch.Tensor | None, with_flag: bool = False):
-    """The last stage's `t` on every stage (`t` is ignored elsewhere); `with_flag`: and whether it takes part in
-    autograd on the last stage."""
+def broadcast_from_last(tensor: torch.Tensor | None, with_flag: bool = False):
+    """The last stage's `tensor` on every stage (`tensor` is ignored elsewhere); `with_flag`: and whether it takes
+    part in autograd on the last stage."""
     src, dev = parallel_state.get_pipeline_model_parallel_last_rank(), _device()
     last = parallel_state.is_pipeline_last_stage()
-    h = _header(t, t.requires_grad).to(dev) if last else torch.empty(_HEADER, dtype=torch.int64, device=dev)
+    h = _header(tensor, tensor.requires_grad).to(dev) if last else torch.empty(_HEADER, dtype=torch.int64, device=dev)
     dist.broadcast(h, src, group=pp_group())
     h = h.cpu()
-    out = t.detach().contiguous() if last else _empty_from(h, dev)
+    out = tensor.detach().contiguous() if last else _empty_from(h, dev)
     dist.broadcast(out, src, group=pp_group())
     return (out, bool(h[2])) if with_flag else out
 
@@ -165,11 +165,11 @@ def sum_pipeline_grads(model: torch.nn.Module, group=None) -> None:
             dist.all_reduce(grad, group=group)
 
 
-def _broadcast_tensor(t: torch.Tensor | None, src: int) -> torch.Tensor:
+def _broadcast_tensor(tensor: torch.Tensor | None, src: int) -> torch.Tensor:
     dev = _device()
-    h = _header(t).to(dev) if dist.get_rank() == src else torch.empty(_HEADER, dtype=torch.int64, device=dev)
+    h = _header(tensor).to(dev) if dist.get_rank() == src else torch.empty(_HEADER, dtype=torch.int64, device=dev)
     dist.broadcast(h, src, group=pp_group())
-    out = t.detach().contiguous().to(dev) if dist.get_rank() == src else _empty_from(h.cpu(), dev)
+    out = tensor.detach().contiguous().to(dev) if dist.get_rank() == src else _empty_from(h.cpu(), dev)
     dist.broadcast(out, src, group=pp_group())
     return out
 
@@ -188,6 +188,6 @@ def gather_pipeline_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.T
         names = torch.frombuffer(bytearray(json.dumps(sorted(sd)).encode()), dtype=torch.uint8) if mine else None
         names = json.loads(bytes(_broadcast_tensor(names, src).cpu().tolist()).decode())
         for name in names:
-            t = _broadcast_tensor(sd[name] if mine else None, src)
-            full.setdefault(name, t.to(sd[name].device if mine and name in sd else t.device))
+            tensor = _broadcast_tensor(sd[name] if mine else None, src)
+            full.setdefault(name, tensor.to(sd[name].device if mine and name in sd else tensor.device))
     return full

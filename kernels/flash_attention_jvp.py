@@ -427,11 +427,11 @@ def flash_attention_jvp(
         return o, o_tangent, lse, mu
 
     has_k_tangent, has_v_tangent = k_tangent is not None, v_tangent is not None
-    cfg = config or default_config(D, Sq, Sk, B * H, has_k_tangent or has_v_tangent, q.dtype)
+    config = config or default_config(D, Sq, Sk, B * H, has_k_tangent or has_v_tangent, q.dtype)
     vscale = None
-    if cfg.precise and q.dtype == torch.bfloat16:
+    if config.precise and q.dtype == torch.bfloat16:
         v, v_tangent, vscale = _values_as_fp16(v, v_tangent)
-    if cfg.warp_specialized and q.is_cuda and not (cfg.precise and q.dtype == torch.float16):
+    if config.warp_specialized and q.is_cuda and not (config.precise and q.dtype == torch.float16):
         hopper = _hopper_kernel()
         tensors = (q, k, v, q_tangent, k_tangent, v_tangent, o, o_tangent)
         if hopper is not None and hopper.hopper_kernel_supports(*tensors):
@@ -439,7 +439,7 @@ def flash_attention_jvp(
     # Pointers of absent tangents are never dereferenced (their HAS_*_TANGENT flags are compile-time): pass primals.
     k_tangent_ = k_tangent if has_k_tangent else k
     v_tangent_ = v_tangent if has_v_tangent else v
-    grid = (triton.cdiv(Sq, cfg.block_m), B * H)
+    grid = (triton.cdiv(Sq, config.block_m), B * H)
     _jvp_fwd_kernel[grid](
         q, k, v, q_tangent, k_tangent_, v_tangent_,
         o, o_tangent, lse, mu,
@@ -450,12 +450,12 @@ def flash_attention_jvp(
         *o.stride(), *o_tangent.stride(), *lse.stride(), *mu.stride(),
         H, Sq, Sk,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         HAS_K_TANGENT=has_k_tangent, HAS_V_TANGENT=has_v_tangent,
-        EVEN_N=(Sk % cfg.block_n == 0),
-        SKIP_RESCALE=cfg.skip_rescale,
-        SPLIT_P=cfg.precise and q.dtype == torch.float16,
+        EVEN_N=(Sk % config.block_n == 0),
+        SKIP_RESCALE=config.skip_rescale,
+        SPLIT_P=config.precise and q.dtype == torch.float16,
         HAS_VSCALE=vscale is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o, o_tangent, lse, mu

@@ -33,7 +33,8 @@ parallelism); see ``megatron_rcm.models.attention.merge_attention_partials``.
 Precision: scores and their tangents come from the input dtype with fp32 accumulation; the three GEMMs
 after the softmax take 16-bit probabilities. By default (``JVPKernelConfig.precise``) those carry more
 bits than the input dtype (fp16 operands for bf16 inputs, a two-part split for fp16 inputs), so the
-error stays within ~1.0x that of fp32 math followed by one rounding of the output.
+error stays at that of fp32 math followed by one rounding of the output (benchmarks/RESULTS.md, "Attention
+JVP kernel", the accuracy table).
 
 Sequence lengths are run-time arguments (not compile-time constants), and the block configuration is
 picked by a rule rather than autotuned, so a new shape costs no recompilation and no tuning.
@@ -77,7 +78,8 @@ class JVPKernelConfig:
     error again as the output rounding. So: bf16 inputs run those GEMMs on fp16 operands (``v`` and
     ``v_tangent`` converted once, before the kernel, with a power-of-two scale that keeps them in range); fp16
     inputs split the probabilities into a high and a low fp16 part (three more GEMMs). ``False``: the
-    probabilities are rounded to the input dtype (faster, about 1.4x the error)."""
+    probabilities are rounded to the input dtype (faster, with a larger error: benchmarks/RESULTS.md,
+    "Attention JVP kernel", the accuracy table)."""
 
     warp_specialized: bool = True
     """On Hopper (sm_90), for head dims 64 and 128 with TMA-compatible strides, run the warp-specialised
@@ -97,10 +99,10 @@ def default_config(
 ) -> JVPKernelConfig:
     """The launch configuration used when none is given.
 
-    A rule instead of an autotuner: autotuning every (Sq, Sk) pair a DiT meets would cost a minute per
-    shape. Chosen by compiling for sm_90 (registers, spills, shared memory) and timing a handful of
-    configurations on an H100 (benchmarks/RESULTS.md): 128 query rows over two warpgroups, 64 keys per
-    step. ``RCM_JVP_KERNEL_CONFIG`` overrides it (see :func:`parse_config`); ``RCM_JVP_WARP_SPECIALIZED=0``
+    A rule instead of an autotuner: autotuning every (Sq, Sk) pair a DiT meets would add a long first call per
+    shape (the autotuned reference kernel's first calls in benchmarks/RESULTS.md). Chosen by compiling for
+    sm_90 (registers, spills, shared memory) and timing a handful of configurations on an H100
+    (benchmarks/RESULTS.md): 128 query rows over two warpgroups, 64 keys per step. ``RCM_JVP_KERNEL_CONFIG`` overrides it (see :func:`parse_config`); ``RCM_JVP_WARP_SPECIALIZED=0``
     keeps the portable kernel on Hopper too.
     """
     override = os.environ.get("RCM_JVP_KERNEL_CONFIG")

@@ -76,8 +76,8 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
 def _sdpa_cudnn_first(q, k, v, scale):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # Measured on H100 at the Wan-1.3B shape (B1 H12 S32760 D128): cuDNN 11.1 ms, FLASH 18.0 ms. The
-    # priority list falls through to the next backend whenever one rejects the inputs.
+    # cuDNN first: it is the faster forward at the Wan shapes on Hopper (benchmarks/RESULTS.md, "Attention JVP
+    # kernel", the SDPA rows). The priority list falls through to the next backend whenever one rejects the inputs.
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(order, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)

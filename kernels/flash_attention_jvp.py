@@ -102,8 +102,12 @@ def default_config(
     A rule instead of an autotuner: autotuning every (Sq, Sk) pair a DiT meets would add a long first call per
     shape (the autotuned reference kernel's first calls in benchmarks/RESULTS.md). Chosen by compiling for
     sm_90 (registers, spills, shared memory) and timing a handful of configurations on an H100
-    (benchmarks/RESULTS.md): 128 query rows over two warpgroups, 64 keys per step. ``RCM_JVP_KERNEL_CONFIG`` overrides it (see :func:`parse_config`); ``RCM_JVP_WARP_SPECIALIZED=0``
-    keeps the portable kernel on Hopper too.
+    (benchmarks/RESULTS.md): 128 query rows over two warpgroups, 64 keys per step.
+
+    ``RCM_JVP_KERNEL_CONFIG`` (:func:`parse_config` syntax) replaces the rule, warp specialisation included;
+    without it, ``RCM_JVP_WARP_SPECIALIZED=0`` keeps the portable kernel on Hopper too. The training config's
+    ``kernels.jvp_kernel_config`` and ``kernels.jvp_warp_specialized`` set these variables, and a variable set
+    in the environment overrides the config.
     """
     override = os.environ.get("RCM_JVP_KERNEL_CONFIG")
     if override:

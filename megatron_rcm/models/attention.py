@@ -121,11 +121,12 @@ def _importable(name: str) -> bool:
 def attention_backend(device_type: str, major: int = 0) -> str:
     """Name of the backend :func:`attention` uses for half-precision CUDA inputs.
 
-    ``RCM_ATTENTION_BACKEND`` overrides it (``sdpa``, ``cudnn``, ``flash``, ``efficient``, ``math``,
-    ``flash_attn``, ``flash_attn_3``). By default: FlashAttention-3 on Hopper when installed (faster than
-    cuDNN's forward there), else SDPA with cuDNN first. FlashAttention-2 and Transformer Engine's
-    DotProductAttention are not chosen by default: the first is SDPA's FLASH backend (slower than cuDNN
-    on H100) and the second runs the same cuDNN fused attention SDPA reaches.
+    ``RCM_ATTENTION_BACKEND`` names it (``sdpa``, ``cudnn``, ``flash``, ``efficient``, ``math``, ``flash_attn``,
+    ``flash_attn_3``): the training config's ``kernels.attention_backend`` sets that variable, and the variable,
+    when set in the environment, overrides the config. Unset (the config's ``auto``): FlashAttention-3 on Hopper
+    when installed (faster than cuDNN's forward there), else SDPA with cuDNN first. FlashAttention-2 and
+    Transformer Engine's DotProductAttention are not chosen by default: the first is SDPA's FLASH backend
+    (slower than cuDNN on H100) and the second runs the same cuDNN fused attention SDPA reaches.
     """
     override = os.environ.get("RCM_ATTENTION_BACKEND")
     if override:

@@ -87,14 +87,19 @@ _HF_BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 KEYMAP = KeyMap("Cosmos", _TOP_RENAMES, _BLOCK_RENAMES, _BLOCK_FUSED, hf_block_prefix="transformer_blocks")
 
 
-def mcore_to_hf(sd: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
-    """Full (unsharded) megatron-rcm Cosmos state dict -> diffusers CosmosTransformer3DModel state dict."""
-    return KEYMAP.to_hf(sd, num_heads)
+# (sd, num_heads) -> sd: full (unsharded) megatron-rcm <-> diffusers CosmosTransformer3DModel state dicts
+mcore_to_hf = KEYMAP.to_hf
+hf_to_mcore = KEYMAP.from_hf
 
 
-def hf_to_mcore(sd: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
-    """diffusers CosmosTransformer3DModel state dict -> full megatron-rcm state dict."""
-    return KEYMAP.from_hf(sd, num_heads)
+def _rename(key: str, block_key: re.Pattern, top: dict[str, str], block: dict[str, str], block_prefix: str):
+    """`key` renamed by `top`, or, when `block_key` matches it, its block-relative part renamed by `block` under
+    `{block_prefix}.{i}.`; None when the tables do not name it."""
+    m = block_key.match(key)
+    if m is None:
+        return top.get(key)
+    rest = block.get(m.group(2))
+    return None if rest is None else f"{block_prefix}.{m.group(1)}.{rest}"
 
 
 def original_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -104,12 +109,7 @@ def original_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         key = key.removeprefix("net.")
         if _ORIGINAL_DROPPED.search(key):
             continue
-        m = _BLOCK_KEY.match(key)
-        if m is None:
-            name = _ORIGINAL_TOP.get(key)
-        else:
-            rest = _ORIGINAL_BLOCK.get(m.group(2))
-            name = None if rest is None else f"transformer_blocks.{m.group(1)}.{rest}"
+        name = _rename(key, _BLOCK_KEY, _ORIGINAL_TOP, _ORIGINAL_BLOCK, "transformer_blocks")
         if name is None:
             raise KeyError(f"unexpected tensor {key!r} in the original Cosmos-Predict2 checkpoint")
         out[name] = value
@@ -122,12 +122,7 @@ def hf_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     inv_block = {v: k for k, v in _ORIGINAL_BLOCK.items()}
     out = {}
     for key, value in sd.items():
-        m = _HF_BLOCK_KEY.match(key)
-        if m is None:
-            name = inv_top.get(key)
-        else:
-            rest = inv_block.get(m.group(2))
-            name = None if rest is None else f"blocks.{m.group(1)}.{rest}"
+        name = _rename(key, _HF_BLOCK_KEY, inv_top, inv_block, "blocks")
         if name is None:
             raise KeyError(f"{key!r} has no name in the original Cosmos-Predict2 format")
         out["net." + name] = value

@@ -78,14 +78,9 @@ _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 KEYMAP = KeyMap("Wan", _TOP_RENAMES, _BLOCK_RENAMES, _BLOCK_FUSED)
 
 
-def mcore_to_hf(sd: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
-    """Full (unsharded) megatron-rcm Wan state dict -> diffusers WanTransformer3DModel state dict."""
-    return KEYMAP.to_hf(sd, num_heads)
-
-
-def hf_to_mcore(sd: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
-    """diffusers WanTransformer3DModel state dict -> full megatron-rcm state dict."""
-    return KEYMAP.from_hf(sd, num_heads)
+# (sd, num_heads) -> sd: full (unsharded) megatron-rcm <-> diffusers WanTransformer3DModel state dicts
+mcore_to_hf = KEYMAP.to_hf
+hf_to_mcore = KEYMAP.from_hf
 
 
 def original_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,7 +98,3 @@ def original_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             raise KeyError(f"unexpected tensor {key!r} in the original Wan checkpoint")
     return out
 
-
-def looks_original(keys) -> bool:
-    keys = list(keys)
-    return any(".self_attn." in k or k.startswith("head.head.") for k in keys)

@@ -15,12 +15,28 @@ def test_forward_flops_counts_each_matmul():
     assert scale_probe.pass_flops is flops.pass_flops  # one source
 
 
+def test_flops_by_pass_sums_to_pass_flops():
+    cfg = WanConfig(num_attention_heads=2, attention_head_dim=4, ffn_dim=16, num_layers=3)
+    for phase, n in (("student", 1), ("student", 3), ("critic", 2)):
+        by_pass = flops.flops_by_pass(cfg, 10, 5, phase, n)
+        assert sum(by_pass.values()) == flops.pass_flops(cfg, 10, 5, phase, n)
+    assert list(flops.flops_by_pass(cfg, 10, 5, "student", 2)) == [
+        "teacher_cfg", "student_jvp", "rollout", "dmd_gradient", "student_grad"]
+    assert list(flops.flops_by_pass(cfg, 10, 5, "critic", 2)) == ["rollout", "critic_grad"]
+
+
+def test_student_jvp_by_hand():
+    # one layer, hidden 2, ffn 4, 3 tokens, 1 text token
+    cfg = WanConfig(num_attention_heads=1, attention_head_dim=2, ffn_dim=4, num_layers=1)
+    # linear layers and cross-attention (the JVP counts both twice); self-attention apart
+    linear = 2 * 3 * 4 * 2 * 2 + 2 * 3 * 2 * 2 * 2 + 2 * 1 * 2 * 2 * 2 + 2 * 2 * 3 * 1 * 2 + 2 * 3 * 2 * 2 * 4
+    self_attention = 2 * 2 * 3 * 3 * 2  # QK^T and PV
+    assert linear == 280 and self_attention == 72
+    assert flops.flops_by_pass(cfg, 3, 1, "student", 1)["student_jvp"] == 2 * linear + 3 * self_attention == 776
+    assert flops.flops_by_pass(cfg, 3, 1, "critic", 4)["critic_grad"] == 3 * (linear + self_attention)
+
+
 def test_tokens_per_sample():
     cfg = WanConfig(patch_size=(1, 2, 2))
     assert flops.tokens_per_sample(cfg, (16, 21, 60, 104)) == 21 * 30 * 52
 
-
-def test_scale_probe_help(capsys):
-    scale_probe.main(["--help"])
-    out = capsys.readouterr().out
-    assert "Scale probe" in out and "data.source=random" in out

@@ -139,7 +139,7 @@ def save_sharded(sharded: dict, path: str) -> None:
     dist_checkpointing's torch_dist format, synchronously in this process.
 
     `dist_checkpointing.save` hands the write to a spawned writer process; starting it costs seconds per process on a
-    small CPU machine (15 s measured on a loaded 2-core one), longer than the write of a small model. The same format
+    small CPU machine, longer than the write of a small model. The same format
     (shards, `.metadata`, `metadata.json`) is written here with torch's synchronous FileSystemWriter."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess

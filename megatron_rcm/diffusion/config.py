@@ -80,8 +80,8 @@ class RCMConfig:
     """Initial noise level of the student sampler, t_0 = arctan(sigma_max) (80: diverse ... 1600: sharper)."""
 
     student_mid_times: tuple[float, ...] = field(default_factory=lambda: (1.3, 1.0, 0.6))
-    """Intermediate TrigFlow times of the 1-4-step student sampler (reference inference code; the DESIGN also lists
-    (1.5, 1.4, 1.0)); an N-step sample uses the first N - 1."""
+    """Intermediate TrigFlow times of the 1-4-step student sampler (the reference inference script's;
+    docs/architecture.md, "The rCM objective"); an N-step sample uses the first N - 1."""
 
     # --- EMA ------------------------------------------------------------------------------------------
     ema_sigma_rel: float = 0.05

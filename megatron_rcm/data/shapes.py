@@ -74,10 +74,10 @@ def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, r0: float, c0: f
     raise ValueError(shape)
 
 
-def start_position(direction: str, rng: np.random.RandomState, cfg: ShapesConfig) -> tuple[int, int]:
+def start_position(direction: str, rng: np.random.RandomState, config: ShapesConfig) -> tuple[int, int]:
     """(row, column) of the shape's centre in the first frame, drawn from `rng`: along the motion the shape must
     stay inside for the whole clip, across it anywhere inside."""
-    r, n, travel = cfg.radius, cfg.size, cfg.speed * (cfg.frames - 1)
+    r, n, travel = config.radius, config.size, config.speed * (config.frames - 1)
     if 2 * r + 1 + travel > n:
         raise ValueError(f"a shape of radius {r} moving {travel} pixels does not fit in {n} pixels")
     d_row, d_col = DIRECTIONS[direction]
@@ -92,22 +92,22 @@ def start_position(direction: str, rng: np.random.RandomState, cfg: ShapesConfig
     return row0, start(d_col)
 
 
-def render_at(color: str, shape: str, direction: str, row0: int, col0: int, cfg: ShapesConfig) -> np.ndarray:
+def render_at(color: str, shape: str, direction: str, row0: int, col0: int, config: ShapesConfig) -> np.ndarray:
     """One video `[3, frames, size, size]` float32 in [-1, 1] with the shape starting at (row0, col0)."""
-    n, r = cfg.size, cfg.radius
+    n, r = config.size, config.radius
     d_row, d_col = DIRECTIONS[direction]
     rows, cols = np.mgrid[0:n, 0:n].astype(np.float32)
     rgb = np.asarray(COLORS[color], dtype=np.float32)[:, None, None]
-    video = np.zeros((3, cfg.frames, n, n), dtype=np.float32)
-    for f in range(cfg.frames):
-        mask = _shape_mask(shape, rows, cols, row0 + d_row * cfg.speed * f, col0 + d_col * cfg.speed * f, r)
+    video = np.zeros((3, config.frames, n, n), dtype=np.float32)
+    for f in range(config.frames):
+        mask = _shape_mask(shape, rows, cols, row0 + d_row * config.speed * f, col0 + d_col * config.speed * f, r)
         video[:, f] = np.where(mask[None], rgb, 0.0)
     return video
 
 
-def render(color: str, shape: str, direction: str, rng: np.random.RandomState, cfg: ShapesConfig) -> np.ndarray:
+def render(color: str, shape: str, direction: str, rng: np.random.RandomState, config: ShapesConfig) -> np.ndarray:
     """One video `[3, frames, size, size]` float32 in [-1, 1]; the start position is drawn from `rng`."""
-    return render_at(color, shape, direction, *start_position(direction, rng, cfg), cfg)
+    return render_at(color, shape, direction, *start_position(direction, rng, config), config)
 
 
 class ShapesDataset:

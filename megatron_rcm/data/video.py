@@ -292,30 +292,30 @@ class VideoLoader:
         return bad
 
     def _build(self, checkpoint: bytes | None = None):
-        cfg = self.config
+        config = self.config
         usable = self._usable()
         if not usable:
             raise NoUsableVideos(
-                f"no usable videos for dp rank {cfg.dp_rank} of {cfg.dp_size} in {self.manifest!r} "
+                f"no usable videos for dp rank {config.dp_rank} of {config.dp_size} in {self.manifest!r} "
                 f"({len(self._mine)} listed, {self.num_skipped} skipped; first reasons: {self.skipped[:3]})",
                 list(self.skipped),
             )
         return build_video_pipeline(
             [e.path for e in usable],
             [e.index for e in usable],
-            frames=cfg.frames,
-            stride=cfg.stride,
-            step=cfg.step or cfg.frames * cfg.stride,
-            height=cfg.height,
-            width=cfg.width,
-            batch_size=cfg.batch_size,
+            frames=config.frames,
+            stride=config.stride,
+            step=config.step or config.frames * config.stride,
+            height=config.height,
+            width=config.width,
+            batch_size=config.batch_size,
             device_id=self.device.index if self.device.type == "cuda" else None,
             # Distinct per rank and per rebuild, fixed by the config: a resumed run rebuilds the same.
-            seed=(cfg.seed * 1_000_003 + cfg.dp_rank * 7919 + self._rebuilds) % (2**31 - 1),
-            shuffle=cfg.shuffle,
-            shuffle_buffer=cfg.shuffle_buffer,
-            num_threads=cfg.num_threads,
-            prefetch=cfg.prefetch,
+            seed=(config.seed * 1_000_003 + config.dp_rank * 7919 + self._rebuilds) % (2**31 - 1),
+            shuffle=config.shuffle,
+            shuffle_buffer=config.shuffle_buffer,
+            num_threads=config.num_threads,
+            prefetch=config.prefetch,
             checkpoint=checkpoint,
         )
 

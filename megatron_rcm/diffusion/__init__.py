@@ -40,7 +40,7 @@ from megatron_rcm.diffusion.trigflow import (
     TrigFlowPrediction,
     TrigFlowWrapper,
     VelocityNetwork,
-    cfg,
+    classifier_free_guidance,
     rf_state_from_trigflow,
     rf_time_from_trigflow,
     trigflow_from_velocity,

@@ -97,11 +97,11 @@ class RCMScheduler(SchedulerMixin, ConfigMixin):
         `timesteps` = num_train_timesteps * sigmas[:-1] (float32, what the transformer is called with)."""
         if kwargs.get("sigmas") is not None or kwargs.get("timesteps") is not None:
             raise ValueError("RCMScheduler takes its times from its config (sigma_max, mid_times), not as arguments")
-        c = self.config
-        self.sigmas64 = torch.tensor(rcm_flow_times(num_inference_steps, c.sigma_max, c.mid_times),
+        config = self.config
+        self.sigmas64 = torch.tensor(rcm_flow_times(num_inference_steps, config.sigma_max, config.mid_times),
                                      dtype=torch.float64, device=device)
         self.sigmas = self.sigmas64.float()
-        self.timesteps = (c.num_train_timesteps * self.sigmas64[:-1]).float()
+        self.timesteps = (config.num_train_timesteps * self.sigmas64[:-1]).float()
         self.num_inference_steps = num_inference_steps
         self._step_index = None
         self._begin_index = None

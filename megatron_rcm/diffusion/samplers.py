@@ -11,7 +11,7 @@ import torch
 
 from megatron_rcm.diffusion.reduce import NoiseFn, randn_like
 from megatron_rcm.diffusion.time_sampling import shift_rf_time
-from megatron_rcm.diffusion.trigflow import TrigFlowWrapper, cfg, trigflow_noise
+from megatron_rcm.diffusion.trigflow import TrigFlowWrapper, classifier_free_guidance, trigflow_noise
 
 
 @torch.no_grad()
@@ -65,7 +65,7 @@ def rf_velocity(
     if neg_text is not None:
         if text is not None and neg_text.shape[0] != batch:
             neg_text = neg_text.expand(batch, *neg_text.shape[1:])
-        v = cfg(v, teacher.net(x_in, timestep, neg_text).double(), guidance)
+        v = classifier_free_guidance(v, teacher.net(x_in, timestep, neg_text).double(), guidance)
     return v
 
 

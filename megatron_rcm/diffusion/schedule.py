@@ -20,8 +20,8 @@ class PhaseSchedule:
     config: RCMConfig
 
     def is_student_step(self, it: int) -> bool:
-        c = self.config
-        return (not c.uses_dmd) or it < c.tangent_warmup or it % c.student_update_freq == 0
+        config = self.config
+        return (not config.uses_dmd) or it < config.tangent_warmup or it % config.student_update_freq == 0
 
     def phase(self, it: int) -> str:
         """'student' or 'critic'."""
@@ -38,12 +38,12 @@ class PhaseSchedule:
 
     def student_iteration(self, it: int) -> int:
         """How many student steps ran before `it` (drives the EMA step count and cyclic rollout lengths)."""
-        c = self.config
-        if not c.uses_dmd or it <= c.tangent_warmup:
+        config = self.config
+        if not config.uses_dmd or it <= config.tangent_warmup:
             return it
-        f = c.student_update_freq
+        f = config.student_update_freq
         # multiples of f in [tangent_warmup, it) = ceil(it / f) - ceil(tangent_warmup / f)
-        return c.tangent_warmup + (-(-it // f)) - (-(-c.tangent_warmup // f))
+        return config.tangent_warmup + (-(-it // f)) - (-(-config.tangent_warmup // f))
 
     def critic_iteration(self, it: int) -> int:
         """How many critic steps ran before `it`."""
@@ -52,8 +52,8 @@ class PhaseSchedule:
     def rollout_steps(self, it: int, generator: Optional[torch.Generator] = None) -> int:
         """N in {1, ..., max_rollout_steps} for the rollout at iteration `it` (cyclic over the phase's own
         iterations, or uniform from `generator`, which must be synchronised across a CP group)."""
-        c = self.config
-        if c.rollout_steps_sampling == "uniform":
-            return 1 + int(torch.randint(c.max_rollout_steps, (1,), generator=generator).item())
+        config = self.config
+        if config.rollout_steps_sampling == "uniform":
+            return 1 + int(torch.randint(config.max_rollout_steps, (1,), generator=generator).item())
         k = self.student_iteration(it) if self.is_student_step(it) else self.critic_iteration(it)
-        return 1 + k % c.max_rollout_steps
+        return 1 + k % config.max_rollout_steps

@@ -106,8 +106,8 @@ def scm_targets(
     eps = noise_fn(x0) if noise_fn is not None else randn_like(x0, generator)
     x_t = trigflow_noise(x0, eps, t)
     F_teacher = teacher.guided(x_t, t, text, neg_text, config.guidance).F
-    x_tan, t_tan = scm_tangents(x_t, t, F_teacher)
-    pred, dF = student.jvp(x_t, t, text, x_tan, t_tan)
+    x_tangent, t_tangent = scm_tangents(x_t, t, F_teacher)
+    pred, dF = student.jvp(x_t, t, text, x_tangent, t_tangent)
     g, valid = scm_target(pred.F, dF, F_teacher, x_t, t, warmup_ratio, config.g_norm_eps, sum_fn)
     return SCMTargets(x_t=x_t, t=t, F_teacher=F_teacher, F_minus=pred.F, dF=dF, g=g, valid=valid)
 

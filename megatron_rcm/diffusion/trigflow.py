@@ -84,7 +84,7 @@ def trigflow_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torc
     return torch.cos(t) * x0.double() + torch.sin(t) * eps.double()
 
 
-def cfg(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
     """Classifier-free guidance in the standard form uncond + w (cond - uncond).
 
     (The rCM reference once shipped cond + w (cond - uncond), i.e. w + 1 in this form.)"""
@@ -176,20 +176,20 @@ class TrigFlowWrapper:
         d timestep = timestep_scale * ds/dt * t_tangent with ds/dt = c_in^2.
         """
         c, sn, c_in, x_s, timestep = self._maps(x_t, t)
-        tt = expand_as_sample(t_tangent.double(), x_t)
+        t_tangent_b = expand_as_sample(t_tangent.double(), x_t)
         dc_in = (sn - c) * c_in**2  # d/dt 1/(cos t + sin t)
-        dx_s = c_in * x_tangent.double() + dc_in * tt * x_t.double()
-        dtimestep = self.timestep_scale * (c_in**2).flatten() * t_tangent.double()
-        v, dv = self.net.jvp(
+        x_s_tangent = c_in * x_tangent.double() + dc_in * t_tangent_b * x_t.double()
+        timestep_tangent = self.timestep_scale * (c_in**2).flatten() * t_tangent.double()
+        v, v_tangent = self.net.jvp(
             x_s.to(self.dtype),
             timestep.to(self.timestep_dtype),
             text,
-            dx_s.to(self.dtype),
-            dtimestep.to(self.timestep_dtype),
+            x_s_tangent.to(self.dtype),
+            timestep_tangent.to(self.timestep_dtype),
         )
-        v, dv = v.double(), dv.double()
+        v, v_tangent = v.double(), v_tangent.double()
         pred = self._prediction(v, c, sn, c_in, x_s)
-        dF = -(sn + c) * tt * x_s + (c - sn) * dx_s + dc_in * tt * v + c_in * dv
+        dF = -(sn + c) * t_tangent_b * x_s + (c - sn) * x_s_tangent + dc_in * t_tangent_b * v + c_in * v_tangent
         return pred, dF
 
     def guided(
@@ -217,4 +217,6 @@ class TrigFlowWrapper:
             uncond = TrigFlowPrediction(*(p[x_t.shape[0] :] for p in both))
         else:
             cond, uncond = self(x_t, t, text), self(x_t, t, neg_text)
-        return TrigFlowPrediction(cfg(cond.F, uncond.F, guidance), cfg(cond.x0, uncond.x0, guidance))
+        return TrigFlowPrediction(
+            classifier_free_guidance(cond.F, uncond.F, guidance), classifier_free_guidance(cond.x0, uncond.x0, guidance)
+        )

@@ -6,7 +6,7 @@ import torch
 
 from megatron_rcm.diffusion import (
     TrigFlowWrapper,
-    cfg,
+    classifier_free_guidance,
     rf_state_from_trigflow,
     rf_time_from_trigflow,
     trigflow_from_velocity,
@@ -106,4 +106,4 @@ def test_cfg_weight_one_is_the_conditional_prediction_and_batching_is_exact():
     torch.testing.assert_close(w5.F, uncond.F + 5.0 * (cond.F - uncond.F), rtol=1e-13, atol=1e-13)
     # x0 guidance equals the x0 of the guided F (both are affine in v with the same coefficients)
     torch.testing.assert_close(w5.x0, x0_from_trigflow(w5.F, x, t), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(cfg(torch.tensor(3.0), torch.tensor(1.0), 4.5), torch.tensor(10.0))
+    torch.testing.assert_close(classifier_free_guidance(torch.tensor(3.0), torch.tensor(1.0), 4.5), torch.tensor(10.0))

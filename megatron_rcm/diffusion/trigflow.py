@@ -120,7 +120,7 @@ class TrigFlowWrapper:
 
     Args:
         net: a `VelocityNetwork`.
-        timestep_scale: the network's timestep units (Wan: 1000).
+        timestep_scale: the network's timestep units (`RCMConfig.timestep_scale`; Wan: 1000, Cosmos-Predict2: 1).
         dtype: dtype the latents are cast to for the network (default: the dtype of its first floating parameter).
         timestep_dtype: dtype of the timestep (default float32; float64 for float64 networks) - the time embedding
             is computed in fp32 because high-precision time matters at 10B+ scale.
@@ -129,7 +129,7 @@ class TrigFlowWrapper:
     def __init__(
         self,
         net: VelocityNetwork,
-        timestep_scale: float = 1000.0,
+        timestep_scale: float,
         dtype: Optional[torch.dtype] = None,
         timestep_dtype: Optional[torch.dtype] = None,
     ):

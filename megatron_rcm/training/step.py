@@ -142,7 +142,7 @@ class RCMStep:
         self.sum_fn = D.process_group_sum(cp_group)
         self.sharded = self.sum_fn is not None
         # the dtype each network runs in, as the plain wrapper finds it (a token adapter has no parameters)
-        self._dtypes = {name: D.TrigFlowWrapper(net).dtype for name, net in
+        self._dtypes = {name: D.TrigFlowWrapper(net, config.timestep_scale).dtype for name, net in
                         (("teacher", teacher), ("student", student), ("critic", critic)) if net is not None}
         if not self.sharded:  # one set of wrappers for every micro-batch
             self._plain = self._wrappers(None)

@@ -81,15 +81,15 @@ def test_wrapper_runs_network_in_its_dtype_and_returns_float64():
     seen = {}
     net32.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].dtype, ts=args[1].dtype))
     x, t = torch.randn(4, 6, generator=G, dtype=torch.float64), _t(4)
-    p32 = TrigFlowWrapper(net32)(x, t)
-    p64 = TrigFlowWrapper(net64)(x, t)
+    p32 = TrigFlowWrapper(net32, timestep_scale=SCALE)(x, t)
+    p64 = TrigFlowWrapper(net64, timestep_scale=SCALE)(x, t)
     assert seen == {"x": torch.float32, "ts": torch.float32}
     assert p32.F.dtype == torch.float64
     torch.testing.assert_close(p32.F, p64.F, rtol=1e-4, atol=1e-4)
 
 
 def test_cfg_weight_one_is_the_conditional_prediction_and_batching_is_exact():
-    model = TrigFlowWrapper(MLPVelocity(dim=6))
+    model = TrigFlowWrapper(MLPVelocity(dim=6), timestep_scale=SCALE)
     n = 4
     x, t = torch.randn(n, 6, generator=G, dtype=torch.float64), _t(n)
     text = torch.randn(n, 3, 4, generator=G, dtype=torch.float64)

@@ -1,4 +1,6 @@
-"""Cosmos-Predict2 DiT against diffusers' CosmosTransformer3DModel: forward, grads, counts, conversion, bad input."""
+"""Cosmos-Predict2 DiT against diffusers' CosmosTransformer3DModel: forward, grads, counts, configs, bad input, the
+converter's round trip (loading and the key maps: tests/unit/models/test_loading.py,
+tests/unit/checkpoint/test_cosmos.py)."""
 
 import os
 import subprocess
@@ -14,11 +16,8 @@ from cosmos_reference import (
     reference,
     relative_error,
 )
-from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
 
-from megatron_rcm.checkpoint import cosmos as cosmos_keys
 from megatron_rcm.checkpoint.sharding import load_full_state_dict
-from megatron_rcm.models import from_pretrained, save_diffusers, save_megatron
 from megatron_rcm.models.cosmos import PRESETS, CosmosConfig, CosmosModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -125,24 +124,6 @@ def test_bad_inputs_are_named(pair):
         ours(torch.zeros(1, 4, 9, 2, 2), t[:1], text[:1])  # 9 frames > max_size 8 (tables cover 8)
 
 
-def test_diffusers_megatron_diffusers_round_trip_is_bit_exact(tmp_path, pair):
-    ref, ours = pair
-    ref.save_pretrained(tmp_path / "hf")
-    net = from_pretrained(str(tmp_path / "hf"), params_dtype=torch.float32)
-    assert isinstance(net, CosmosModel) and net.config == PRESETS["cosmos-tiny"]
-    save_megatron(net, str(tmp_path / "mcore"))
-    net2 = from_pretrained(str(tmp_path / "mcore"), params_dtype=torch.float32)
-    save_diffusers(net2, str(tmp_path / "hf2"))
-    back = type(ref).from_pretrained(tmp_path / "hf2")
-    a, b = ref.state_dict(), back.state_dict()
-    assert set(a) == set(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    x, t, text = inputs(1, 2, 4, 4)
-    with torch.no_grad():
-        assert torch.equal(net2(x, t, text), ours(x, t, text))
-
-
 def test_convert_tool_round_trip_is_bit_exact(tmp_path, pair):
     ref, _ = pair
     ref.save_pretrained(tmp_path / "hf")
@@ -154,44 +135,3 @@ def test_convert_tool_round_trip_is_bit_exact(tmp_path, pair):
     back = type(ref).from_pretrained(tmp_path / "hf2")
     a, b = ref.state_dict(), back.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_original_release_names_agree_with_diffusers_converter(pair):
-    """Our original <-> diffusers maps against diffusers' own single-file converter for Cosmos 2.0 checkpoints."""
-    ref, ours = pair
-    hf_sd = ref.state_dict()
-    original = cosmos_keys.hf_to_original(hf_sd)
-    assert "net.blocks.0.self_attn.q_proj.weight" in original and "net.x_embedder.proj.1.weight" in original
-    # non-weight entries of the original release, dropped on import
-    original.update({"net.pos_embedder.seq": torch.arange(4.0), "net.pos_embedder.dim_spatial_range": torch.zeros(2),
-                     "net.pos_embedder.dim_temporal_range": torch.zeros(2), "net.accum_iteration": torch.tensor(3),
-                     "net.blocks.0.self_attn._extra_state": torch.zeros(1)})
-    theirs = convert_cosmos_transformer_checkpoint_to_diffusers(dict(original))
-    mine = cosmos_keys.original_to_hf(original)
-    assert set(theirs) == set(mine) == set(hf_sd)
-    assert all(torch.equal(mine[k], hf_sd[k]) and torch.equal(theirs[k], hf_sd[k]) for k in hf_sd)
-    ours_sd = cosmos_keys.hf_to_mcore(mine, ref.config.num_attention_heads)
-    for name, p in ours.named_parameters():
-        assert torch.equal(p, ours_sd[name]), name
-    with pytest.raises(KeyError, match="surprise"):
-        cosmos_keys.original_to_hf({"net.blocks.0.surprise.weight": torch.zeros(1)})
-
-
-def test_original_release_pickle_imports_with_a_preset(tmp_path, pair):
-    """An original-release folder (`model.pt`, no config) converts with --preset and loads like the diffusers one."""
-    ref, ours = pair
-    (tmp_path / "orig").mkdir()
-    torch.save(cosmos_keys.hf_to_original(ref.state_dict()), tmp_path / "orig" / "model.pt")
-    with pytest.raises(ValueError, match="name its architecture with a preset"):
-        from_pretrained(str(tmp_path / "orig"), params_dtype=torch.float32)
-    net = from_pretrained(str(tmp_path / "orig"), params_dtype=torch.float32, preset="cosmos-tiny")
-    expected = dict(ours.named_parameters())
-    for name, p in net.named_parameters():
-        assert torch.equal(p, expected[name]), name
-    tool = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools", "convert_checkpoint.py")]
-    r = subprocess.run([*tool, "hf-to-mcore", "--model", "cosmos", "--preset", "cosmos-tiny", "--input",
-                        str(tmp_path / "orig"), "--output", str(tmp_path / "mcore")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    net = from_pretrained(str(tmp_path / "mcore"), params_dtype=torch.float32)
-    for name, p in net.named_parameters():
-        assert torch.equal(p, expected[name]), name

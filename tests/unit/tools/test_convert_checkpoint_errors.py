@@ -10,8 +10,6 @@ import types
 import pytest
 import torch
 
-from megatron_rcm.models import from_pretrained
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.join(ROOT, "tests", "unit", "models"))
 from wan_reference import diffusers_wan  # noqa: E402
@@ -45,39 +43,6 @@ def _corrupt(hf_dir, tmp_path, edit):
     edit(sd)
     save_file(sd, out / "diffusion_pytorch_model.safetensors")
     return out
-
-
-def test_not_a_checkpoint(tmp_path):
-    with pytest.raises(ValueError, match="not a supported checkpoint"):
-        from_pretrained(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        from_pretrained(str(tmp_path / "nope"))
-
-
-def test_missing_tensor(hf_dir, tmp_path):
-    bad = _corrupt(hf_dir, tmp_path, lambda sd: sd.pop("blocks.1.ffn.net.2.weight"))
-    with pytest.raises(ValueError, match="blocks.1.mlp.linear_fc2.weight"):
-        from_pretrained(str(bad))
-
-
-def test_missing_fused_part(hf_dir, tmp_path):
-    bad = _corrupt(hf_dir, tmp_path, lambda sd: sd.pop("blocks.0.attn1.to_k.bias"))
-    with pytest.raises(ValueError, match="blocks.0.attn1.to_k.bias"):
-        from_pretrained(str(bad))
-
-
-def test_extra_tensor(hf_dir, tmp_path):
-    bad = _corrupt(hf_dir, tmp_path, lambda sd: sd.update({"blocks.0.surprise": torch.zeros(3)}))
-    with pytest.raises(ValueError, match="blocks.0.surprise"):
-        from_pretrained(str(bad))
-
-
-def test_shape_mismatch(hf_dir, tmp_path):
-    def edit(sd):
-        sd["proj_out.weight"] = sd["proj_out.weight"][:, :-1].contiguous()
-    bad = _corrupt(hf_dir, tmp_path, edit)
-    with pytest.raises(ValueError, match="shape mismatch for 'head.weight'"):
-        from_pretrained(str(bad))
 
 
 def test_failed_conversion_leaves_no_output(hf_dir, tmp_path):

@@ -1,6 +1,7 @@
-"""Pipeline stages in one process: the block split, its errors, global block names, and the stage entry point at
-PP=1 (one stage is first and last: `stage_forward` is `forward_tokens` / `jvp_tokens`). The multi-stage runs are
-in tests/distributed/test_pipeline_parallel.py."""
+"""models/dit.py's pipeline stages in one process: global block names, the refused split without pipeline parallelism,
+and the stage entry point at PP=1 (one stage is first and last: `stage_forward` is `forward_tokens` / `jvp_tokens`).
+The block split is tested in tests/unit/parallel/test_pipeline.py, the multi-stage runs in
+tests/distributed/test_pipeline_parallel.py."""
 
 import dataclasses
 
@@ -9,25 +10,8 @@ import torch
 
 from megatron_rcm.models import WAN_PRESETS, WanModel
 from megatron_rcm.models.dit import StageBlocks
-from megatron_rcm.parallel.pipeline import stage_layers
 
 F64 = torch.float64
-
-
-def test_balanced_split_gives_the_first_stages_the_remainder():
-    assert stage_layers(30, 4) == [8, 8, 7, 7]
-    assert stage_layers(3, 2) == [2, 1]
-    assert stage_layers(40, 8) == [5] * 8
-    assert sum(stage_layers(17, 5)) == 17
-
-
-def test_explicit_split_is_checked():
-    assert stage_layers(3, 2, [1, 2]) == [1, 2]
-    for bad in ([3, 0], [1, 1], [1, 1, 1], [1.5, 1.5]):
-        with pytest.raises(ValueError, match="pipeline_layers .* must give each of the 2 pipeline stages"):
-            stage_layers(3, 2, bad)
-    with pytest.raises(ValueError, match="2 blocks cannot fill 3 pipeline stages"):
-        stage_layers(2, 3)
 
 
 def test_stage_blocks_keep_global_names():

@@ -2,7 +2,6 @@
 reproduces our own 4-step sampler."""
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -53,21 +52,6 @@ def save_base_pipeline(root) -> str:
 @pytest.fixture(scope="module")
 def base_pipeline(tmp_path_factory):
     return Path(save_base_pipeline(str(tmp_path_factory.mktemp("base"))))
-
-
-def test_rcm_times_match_our_sampler():
-    sched = RCMScheduler()
-    # the 4-step schedule on the 0-1000 scale, from the TrigFlow times (arctan 80, 1.3, 1.0, 0.6)
-    times = [math.atan(80.0), 1.3, 1.0, 0.6]
-    expected = [1000 * math.sin(t) / (math.sin(t) + math.cos(t)) for t in times]
-    assert [round(t, 1) for t in expected] == [987.7, 782.7, 609.0, 406.2]
-    torch.testing.assert_close(sched.timesteps, torch.tensor(expected, dtype=torch.float32), rtol=0, atol=1e-4)
-    for n in (1, 2, 3):  # fewer steps: a prefix of the same times, then 0
-        sched.set_timesteps(n)
-        assert sched.timesteps.tolist() == torch.tensor(expected[:n], dtype=torch.float32).tolist()
-        assert sched.sigmas[-1] == 0 and len(sched.sigmas) == n + 1
-    with pytest.raises(ValueError, match="num_inference_steps must be in 1..4"):
-        sched.set_timesteps(5)
 
 
 def sample_both(export, base_pipeline, steps, batch=2, seed=3, device="cpu"):

@@ -1,3 +1,5 @@
+"""cli.py: the console entry points setup.py declares, each running its script (train, convert, generate)."""
+
 import ast
 import os
 
@@ -5,7 +7,7 @@ import pytest
 
 from megatron_rcm import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_setup_declares_the_three_commands():

@@ -39,6 +39,17 @@ def pass_flops(config, tokens: int, text_tokens: int, phase: str, rollout_steps:
     return sum(flops_by_pass(config, tokens, text_tokens, phase, rollout_steps).values())
 
 
+def iteration_flops(config, tokens: int, text_tokens: int, phase: str, rollout_steps: int, passes) -> float:
+    """FLOPs per sample of the passes of `passes` (the pass names an iteration timed): what the trainer's TFLOP/s
+    counts. A student step's with-grad pass carries the sCM and the DMD input only when both parts ran (the
+    `student_jvp` and `dmd_gradient` passes); with one of them it is half as large."""
+    by_pass = flops_by_pass(config, tokens, text_tokens, phase, rollout_steps)
+    total = sum(v for k, v in by_pass.items() if k in passes)
+    if phase == "student" and "student_grad" in passes and not ("student_jvp" in passes and "dmd_gradient" in passes):
+        total -= by_pass["student_grad"] / 2
+    return total
+
+
 def tokens_per_sample(config, latent_shape) -> int:
     """Patch tokens of one sample of latent shape `[C, T, H, W]` (the full sample, before any CP split)."""
     _, t, h, w = latent_shape

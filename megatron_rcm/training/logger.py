@@ -117,7 +117,9 @@ class TrainingLogger:
         flops = [r["_flops"] for r in win if r["_flops"] is not None]
         if len(flops) == n:
             tflops = sum(flops) / dt / world / 1e12
-            parts.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
+            # Megatron-LM's one decimal, or enough digits to be non-zero for the tiny CPU models
+            parts.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}" if tflops >= 1 else
+                         f"throughput per GPU (TFLOP/s/GPU): {tflops:.2e}")
             self.scalar("throughput/tflops_per_gpu", tflops, step)
         parts.append(f"samples/s: {samples_per_s:.1f}")
         self.scalar("throughput/samples_per_s", samples_per_s, step)

@@ -147,6 +147,8 @@ class RCMStep:
         if not self.sharded:  # one set of wrappers for every micro-batch
             self._plain = self._wrappers(None)
         self.times: dict[str, float] = {}
+        self.rollout_steps = 0
+        """The rollout length N of the last micro-batch (for the FLOP count)."""
 
     @contextlib.contextmanager
     def timed(self, name: str):
@@ -221,7 +223,7 @@ class RCMStep:
                                        self.schedule.tangent_warmup_ratio(it), gen, noise_fn=mb.noise_fn,
                                        sum_fn=mb.sum_fn)
         if self.schedule.dmd_active(it):
-            n = self.schedule.rollout_steps(it, gen)
+            n = self.rollout_steps = self.schedule.rollout_steps(it, gen)
             with self.timed("rollout"):
                 x, t = D.student_rollout(net["student"], mb.x0, mb.text, n, rc, gen, noise_fn=mb.noise_fn)
                 x0_student = net["student"](x, t, mb.text).x0
@@ -262,7 +264,7 @@ class RCMStep:
     @torch.no_grad()
     def critic_no_grad(self, mb: MicroBatch, it: int) -> D.CriticInputs:
         """A student sample from an N-step rollout, re-noised at t_D (no autograd)."""
-        n = self.schedule.rollout_steps(it, mb.generator)
+        n = self.rollout_steps = self.schedule.rollout_steps(it, mb.generator)
         with self.timed("rollout"):
             return D.critic_inputs(self.networks(mb)["student"], mb.x0, mb.text, n, self.config, mb.generator,
                                    noise_fn=mb.noise_fn)

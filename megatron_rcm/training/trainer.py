@@ -30,6 +30,7 @@ from megatron_rcm.training import checkpointing, memory
 from megatron_rcm.models import get_preset
 from megatron_rcm.training.config import ConfigError, TrainingConfig, apply_kernels_config, check_ranges, dump_config
 from megatron_rcm.training.data import build_batches
+from megatron_rcm.training.flops import iteration_flops, tokens_per_sample
 from megatron_rcm.training.logger import TrainingLogger, append_metrics
 from megatron_rcm.training.step import RCMStep
 from megatron_rcm.training.trainable import make_trainable
@@ -290,8 +291,13 @@ class Trainer:
         # grads are averaged over DP x CP; CP ranks hold partial per-sample sums that must add up
         norm = state.cp_size() / local
         sums: dict[str, torch.Tensor] = {}
+        flops = 0.0  # model FLOPs of this DP rank's samples (all its TP / CP / PP ranks together)
         for m, (x0, text) in enumerate(micro_batches):
             out = self.step.run(phase, self.step.micro_batch(x0, text, self.generator(it, m)), it)
+            passes = set(self.step.times) | {f"{phase}_grad"}
+            tokens = tokens_per_sample(self.model_config, x0.shape[1:])
+            flops += x0.shape[0] * iteration_flops(self.model_config, tokens, text.shape[1], phase,
+                                                   self.step.rollout_steps, passes)
             loss, total = out.loss.sum(), out.total.sum()  # this rank's share; the whole samples' (for the logs)
             if it in c.training.nan_iterations:  # fault injection (tests): the step must be skipped
                 loss, total = loss * float("nan"), total * float("nan")
@@ -329,6 +335,7 @@ class Trainer:
         record[f"lr/{phase}"] = result.lr
         record[f"nan_grads/{phase}"] = result.num_nan_grads
         record["skipped_iterations"] = int(result.skipped)
+        self.iteration_flops = flops * state.dp_size()  # the logger's TFLOP/s; not a metric (no record key)
         # seconds per pass kind (this rank's; they differ run to run: metrics comparisons read loss/ and grad_norm/)
         record.update({f"time/{k}": v for k, v in sorted(self.step.pop_times().items())})
         if nan_loss:
@@ -511,7 +518,7 @@ class Trainer:
             self.iteration = it + 1
             self.records.append({"iteration": self.iteration, **record})
             self._append_metrics(self.records[-1])
-            self.log.iteration(it, record, c.training.global_batch_size)
+            self.log.iteration(it, record, c.training.global_batch_size, self.iteration_flops)
             if interval > 0 and self.iteration % interval == 0 and self.iteration < c.training.train_iters:
                 t_eval = time.time()
                 self.evaluate(self.iteration)

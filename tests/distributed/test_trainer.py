@@ -65,6 +65,20 @@ def test_tiny_default_end_to_end(tiny_run):
     assert set(m[1]) >= {"loss/scm", "grad_norm/student", "lr/student"} and "loss/dmd" not in m[1]  # warm-up: sCM
     assert {"loss/scm", "loss/dmd"} <= set(m[5]) and "loss/critic" in m[4]
     assert "iteration        8/       8" in log and "samples/s" in log and "ETA" in log
+    # the Megatron-style line of the last interval (iterations 7-8: a student and a critic step after warm-up)
+    line = [ln for ln in log.splitlines() if "iteration        8/       8" in ln][0].split("] ", 1)[1]
+    fields = dict(f.strip().partition(":")[::2] for f in line.split("|")[1:] if f.strip())
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    assert list(fields)[:3] == ["consumed samples", "elapsed time per iteration (ms)",
+                                "throughput per GPU (TFLOP/s/GPU)"]
+    assert int(fields["consumed samples"]) == 8 * 16
+    assert float(fields["throughput per GPU (TFLOP/s/GPU)"]) > 0
+    assert float(fields["student step (ms)"]) > 0 and float(fields["critic step (ms)"]) > 0
+    assert set(fields["learning rate"].split()[::2]) == {"critic", "student"}
+    assert {"dmd", "scm", "critic", "total"} <= set(fields["loss"].split()[::2])
+    assert set(fields["grad norm"].split()[::2]) == {"critic", "student"}
+    assert {"rollout", "student_jvp", "teacher_cfg", "critic_grad"} <= set(fields["time (ms)"].split()[::2])
+    assert "elapsed" in fields and "ETA" in fields
     assert "eval ema at iteration 8: 1-step alignment" in log
     ckpt = os.path.join(run_dir, "checkpoints")
     assert open(os.path.join(ckpt, "latest")).read().strip() == "iter_0000008"
@@ -97,6 +111,7 @@ def test_tensorboard_holds_the_expected_scalars_and_videos(tiny_run):
     scalars = set(acc.Tags()["scalars"])
     expected = {"loss/scm", "loss/dmd", "loss/critic", "loss/total", "grad_norm/student", "grad_norm/critic",
                 "lr/student", "lr/critic", "skipped_iterations", "throughput/samples_per_s",
+                "throughput/tflops_per_gpu",
                 "eval/teacher/alignment"}
     expected |= {f"eval/{net}/{k}_{n}step" for net in ("ema", "student") for k in ("alignment", "feature_distance")
                  for n in (1, 2, 4)}

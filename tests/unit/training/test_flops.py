@@ -1,4 +1,5 @@
 from megatron_rcm.models.wan import WanConfig
+import pytest
 from megatron_rcm.training import flops, scale_probe
 
 
@@ -40,3 +41,20 @@ def test_tokens_per_sample():
     cfg = WanConfig(patch_size=(1, 2, 2))
     assert flops.tokens_per_sample(cfg, (16, 21, 60, 104)) == 21 * 30 * 52
 
+
+
+def test_iteration_flops_counts_the_passes_that_ran():
+    from megatron_rcm.models import get_preset
+    from megatron_rcm.training.flops import flops_by_pass, iteration_flops, pass_flops
+
+    config = get_preset("wan2.1-t2v-1.3b")[1]
+    by = flops_by_pass(config, 32760, 512, "student", 2)
+    everything = set(by) | {"optimizer"}
+    assert iteration_flops(config, 32760, 512, "student", 2, everything) == pass_flops(config, 32760, 512,
+                                                                                       "student", 2)
+    # the tangent warm-up: sCM only, so the with-grad pass carries one input instead of two
+    warm_up = {"teacher_cfg", "student_jvp", "student_grad"}
+    assert iteration_flops(config, 32760, 512, "student", 0, warm_up) == pytest.approx(
+        by["teacher_cfg"] + by["student_jvp"] + by["student_grad"] / 2)
+    critic = flops_by_pass(config, 32760, 512, "critic", 3)
+    assert iteration_flops(config, 32760, 512, "critic", 3, {"rollout", "critic_grad"}) == sum(critic.values())

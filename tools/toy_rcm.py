@@ -234,7 +234,6 @@ def run_seed(args, seed: int) -> tuple[dict, dict]:
     gen = torch.Generator().manual_seed(seed)
     data = sample_data(args.eval_samples, torch.Generator().manual_seed(seed + 99)).double()
     base = dict(
-        timestep_scale=TIMESTEP_SCALE,
         guidance=1.0,  # unconditional toy: no CFG
         p_mean=-0.8,  # image setting (T = 1 latent frame)
         p_std=1.6,

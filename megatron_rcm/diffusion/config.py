@@ -52,9 +52,6 @@ class RCMConfig:
     guidance: float = 5.0
     """Classifier-free guidance scale w of the teacher, standard form F_u + w (F_c - F_u). Wan 5.0, Cosmos 4.5."""
 
-    timestep_scale: float = 1000.0
-    """Velocity networks are called at `timestep_scale * s` (Wan: 1000; Cosmos-Predict2: 1, it is called at s itself)."""
-
     # --- sCM target -----------------------------------------------------------------------------------
     tangent_warmup: int = 1000
     """Iterations over which the tangent warm-up ratio r = min(1, it / tangent_warmup) grows; only sCM runs during it."""

@@ -272,11 +272,19 @@ def _coerce(value, tp, where: str):
     return value
 
 
+REMOVED_KEYS = {"rcm.timestep_scale": "delete it; the network's own config holds its timestep units "
+                                     "(models/wan.py, models/cosmos.py `timestep_scale`: Wan 1000, Cosmos 1)"}
+"""Keys of earlier versions, with what to do instead (a run's saved config.yaml may still hold them)."""
+
+
 def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass `cls` from a (nested) dict; unknown keys and wrong types raise ConfigError."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    moved = [f"{where}{k}: {REMOVED_KEYS[where + k]}" for k in unknown if where + k in REMOVED_KEYS]
+    if moved:
+        raise ConfigError("removed config key(s): " + "; ".join(moved))
     if unknown:
         raise ConfigError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; "
                           f"valid keys{' of ' + where.rstrip('.') if where else ''}: {sorted(names)}")

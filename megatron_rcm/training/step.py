@@ -130,11 +130,13 @@ class RCMStep:
         student_train / critic_train: what the with-grad calls run (default: the plain network).
         neg_text: the negative prompt's embedding for CFG (None: no guidance).
         cp_group: the context-parallel group (None or size 1: unsharded latents).
+        timestep_scale: the networks' timestep units (their model config's `timestep_scale`: Wan 1000, Cosmos 1).
     """
 
     def __init__(self, config: D.RCMConfig, schedule: D.PhaseSchedule, teacher, student, critic=None,
-                 student_train=None, critic_train=None, neg_text=None, cp_group=None):
+                 student_train=None, critic_train=None, neg_text=None, cp_group=None, *, timestep_scale: float):
         self.config, self.schedule, self.neg_text = config, schedule, neg_text
+        self.timestep_scale = timestep_scale
         self.teacher, self.student, self.critic = teacher, student, critic
         self.student_train = student_train if student_train is not None else student
         self.critic_train = critic_train if critic_train is not None else critic
@@ -142,7 +144,7 @@ class RCMStep:
         self.sum_fn = D.process_group_sum(cp_group)
         self.sharded = self.sum_fn is not None
         # the dtype each network runs in, as the plain wrapper finds it (a token adapter has no parameters)
-        self._dtypes = {name: D.TrigFlowWrapper(net, config.timestep_scale).dtype for name, net in
+        self._dtypes = {name: D.TrigFlowWrapper(net, timestep_scale).dtype for name, net in
                         (("teacher", teacher), ("student", student), ("critic", critic)) if net is not None}
         if not self.sharded:  # one set of wrappers for every micro-batch
             self._plain = self._wrappers(None)
@@ -174,7 +176,7 @@ class RCMStep:
             net = TokenNetwork(net, layout, call)
         elif call is not None:
             net = call
-        return D.TrigFlowWrapper(net, self.config.timestep_scale, dtype=dtype)
+        return D.TrigFlowWrapper(net, self.timestep_scale, dtype=dtype)
 
     def _wrappers(self, layout) -> dict:
         d = self._dtypes

@@ -221,7 +221,7 @@ class Trainer:
         self.step = RCMStep(c.rcm, self.schedule, self.teacher_module, self.student.module,
                             None if self.critic is None else self.critic.module, student_train=self.student.wrapped,
                             critic_train=None if self.critic is None else self.critic.wrapped, neg_text=self.neg_text,
-                            cp_group=state.cp_group())
+                            cp_group=state.cp_group(), timestep_scale=self.model_config.timestep_scale)
         self.iteration = 0
         self.evaluator = None
         self._signal_received = False  # set by the signal handler, at any time
@@ -266,8 +266,7 @@ class Trainer:
                                          c.parallel.use_distributed_optimizer)
         self.teacher_module = teacher
         self.ema = D.PowerEMA(student, c.rcm.ema_sigma_rel)
-        scale = c.rcm.timestep_scale
-        self.teacher = D.TrigFlowWrapper(teacher, scale)  # the evaluation's teacher sampler
+        self.teacher = D.TrigFlowWrapper(teacher, preset.timestep_scale)  # the evaluation's teacher sampler
 
     def generator(self, iteration: int, micro: int) -> torch.Generator:
         """Draws of micro-batch `micro` of this DP rank: seeded by its global micro-batch slot (DP rank x micro-batches
@@ -371,7 +370,7 @@ class Trainer:
         c = self.config
         meta = {"parallel": self._layout(), "data_parallel_size": self.dp_size, "model": self.arch.name,
                 "model_config": config_to_dict(self.model_config), "params_dtype": c.model.params_dtype,
-                "timestep_scale": c.rcm.timestep_scale}
+                "timestep_scale": self.model_config.timestep_scale}
         rank_state = {"rng": checkpointing.rng_state(), "data": self.batches.state_dict(), "dp_rank": self.dp_rank}
         t0 = time.time()
         path = checkpointing.save(c.run_dir, self.iteration, self._collect, rank_state, meta, dump_config(c),
@@ -453,7 +452,7 @@ class Trainer:
             self.log.video("samples/teacher", video_grid(self.evaluator.teacher_samples[:16]), step)
         self.ema.copy_to(self.ema_module)
         for name, module in (("ema", self.ema_module), ("student", self.student.module)):
-            metrics, samples = self.evaluator.evaluate(D.TrigFlowWrapper(module, c.rcm.timestep_scale),
+            metrics, samples = self.evaluator.evaluate(D.TrigFlowWrapper(module, self.model_config.timestep_scale),
                                                        c.logging.eval_student_steps)
             for k, v in metrics.items():
                 self.log.scalar(f"eval/{name}/{k}", v, step)

@@ -74,7 +74,8 @@ def _run_step(nets, cp_group):
     rc = _rcm()
     schedule = PhaseSchedule(rc)
     x0, text, neg = _inputs()
-    step = RCMStep(rc, schedule, nets["teacher"], nets["student"], nets["critic"], neg_text=neg, cp_group=cp_group)
+    step = RCMStep(rc, schedule, nets["teacher"], nets["student"], nets["critic"], neg_text=neg, cp_group=cp_group,
+                   timestep_scale=1000.0)
     out = {}
     for phase, it in sorted(_iterations(schedule).items()):
         net = nets[phase]

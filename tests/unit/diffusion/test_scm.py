@@ -11,7 +11,7 @@ from ._nets import SCALE, GaussianConsistencyStudent, GaussianTeacher
 
 MU = torch.tensor([0.7, -1.3, 0.2], dtype=torch.float64)
 STD = 0.5
-CONFIG = RCMConfig(guidance=1.0, timestep_scale=SCALE)
+CONFIG = RCMConfig(guidance=1.0)
 
 
 def _draw(n, seed=0):

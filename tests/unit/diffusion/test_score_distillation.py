@@ -21,7 +21,7 @@ from ._nets import SCALE, GaussianConsistencyStudent, GaussianTeacher
 STD = 0.5
 MU_DATA = torch.tensor([0.7, -1.3], dtype=torch.float64)
 MU_STUDENT = torch.tensor([0.2, -0.9], dtype=torch.float64)
-CONFIG = RCMConfig(guidance=1.0, timestep_scale=SCALE)
+CONFIG = RCMConfig(guidance=1.0)
 
 
 def _posterior_x0(x_t, t, mu):
@@ -48,7 +48,7 @@ def test_dmd_gradient_matches_closed_form():
     # the default 'per_sample' mode scales the reference's per-element gradient by sqrt(Wan 480p elements / 2)
     per_sample = math.sqrt(16 * 21 * 60 * 104 / 2)
     torch.testing.assert_close(out.grad, per_sample * (x0_C - x0_T) / norm, rtol=1e-11, atol=1e-11)
-    paper = dmd_gradient(teacher, critic, x0_student, None, None, RCMConfig(guidance=1.0, timestep_scale=SCALE,
+    paper = dmd_gradient(teacher, critic, x0_student, None, None, RCMConfig(guidance=1.0,
                          dmd_weight_mode="paper"), t=t, noise_fn=lambda _: eps)
     torch.testing.assert_close(paper.grad, (x0_C - x0_T) / norm, rtol=1e-11, atol=1e-11)
     # critic == teacher: no gradient

@@ -131,3 +131,8 @@ def test_kernels_section_sets_the_switches_and_the_environment_overrides(monkeyp
     sources = "".join(open(p).read() for p in files + glob.glob(os.path.join(repo, "kernels", "*.py")))
     for f in dataclasses.fields(KernelsConfig):
         assert f'"RCM_{f.name.upper()}"' in sources, f.name
+
+
+def test_a_removed_key_says_what_to_do():
+    with pytest.raises(ConfigError, match="rcm.timestep_scale: delete it; the network's own config"):
+        load_config(None, ["rcm.timestep_scale=1000.0"])

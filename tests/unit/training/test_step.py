@@ -39,7 +39,7 @@ def test_student_phase_is_the_scm_target_then_one_with_grad_forward():
     nets, (x0, text, neg) = _networks(), _inputs()
     rc = D.RCMConfig(dmd_weight=0.0, tangent_warmup=0)
     schedule = D.PhaseSchedule(rc)
-    step = RCMStep(rc, schedule, nets["teacher"], nets["student"], neg_text=neg)
+    step = RCMStep(rc, schedule, nets["teacher"], nets["student"], neg_text=neg, timestep_scale=1000.0)
     res = step.run("student", step.micro_batch(x0, text, torch.Generator().manual_seed(5)), 3)
 
     student, teacher = D.TrigFlowWrapper(nets["student"], 1000.0), D.TrigFlowWrapper(nets["teacher"], 1000.0)
@@ -66,7 +66,8 @@ def test_rcm_student_total_weighs_its_parts_and_each_pass_is_timed():
     nets, (x0, text, neg) = _networks(), _inputs()
     rc = _rcm()
     schedule = D.PhaseSchedule(rc)
-    step = RCMStep(rc, schedule, nets["teacher"], nets["student"], nets["critic"], neg_text=neg)
+    step = RCMStep(rc, schedule, nets["teacher"], nets["student"], nets["critic"], neg_text=neg,
+                   timestep_scale=1000.0)
     it = _iteration(schedule, "student")
     res = step.run("student", step.micro_batch(x0, text, torch.Generator().manual_seed(5)), it)
     assert set(res.parts) == {"loss/scm", "loss/dmd"}
@@ -83,7 +84,8 @@ def test_critic_phase_trains_the_critic_alone():
     nets, (x0, text, neg) = _networks(), _inputs()
     rc = _rcm()
     schedule = D.PhaseSchedule(rc)
-    step = RCMStep(rc, schedule, nets["teacher"], nets["student"], nets["critic"], neg_text=neg)
+    step = RCMStep(rc, schedule, nets["teacher"], nets["student"], nets["critic"], neg_text=neg,
+                   timestep_scale=1000.0)
     mb = step.micro_batch(x0, text, torch.Generator().manual_seed(6))
     res = step.run("critic", mb, _iteration(schedule, "critic"))
     assert set(res.parts) == {"loss/critic"}

@@ -121,16 +121,16 @@ class CosmosConfig:
             extra_pos_embed_type=self.extra_pos_embed_type)
 
     @classmethod
-    def from_diffusers(cls, cfg: dict) -> "CosmosConfig":
-        unsupported = {k: cfg.get(k) for k in ("use_crossattn_projection", "controlnet_block_every_n",
-                                               "img_context_dim_in") if cfg.get(k)}
+    def from_diffusers(cls, diffusers_config: dict) -> "CosmosConfig":
+        unsupported = {k: diffusers_config.get(k) for k in ("use_crossattn_projection", "controlnet_block_every_n",
+                                               "img_context_dim_in") if diffusers_config.get(k)}
         if unsupported:
             raise ValueError(f"only Cosmos-Predict2 (2.0) configs are supported; Cosmos 2.5 / Transfer fields set: "
                              f"{unsupported}")
-        if cfg.get("extra_pos_embed_type", None) not in (None, "learnable"):
-            raise ValueError(f"unknown extra_pos_embed_type {cfg['extra_pos_embed_type']!r}")
+        if diffusers_config.get("extra_pos_embed_type", None) not in (None, "learnable"):
+            raise ValueError(f"unknown extra_pos_embed_type {diffusers_config['extra_pos_embed_type']!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in cfg.items() if k in names}
+        kw = {k: v for k, v in diffusers_config.items() if k in names}
         for k in ("max_size", "patch_size", "rope_scale"):
             if k in kw:
                 kw[k] = tuple(kw[k])
@@ -178,11 +178,11 @@ class AdaLNLoRA(torch.nn.Module):
         self.linear_1 = torch.nn.Linear(hidden_size, rank, bias=False, dtype=dtype)
         self.linear_2 = torch.nn.Linear(rank, n * hidden_size, bias=False, dtype=dtype)
 
-    def forward(self, act, tact, temb, ttemb):
+    def forward(self, act, act_tangent, temb, temb_tangent):
         """act = SiLU(embedded timestep) [N, width]; temb [N, 3 x width]. Returns [N, n x width]."""
-        e, te = T.linear(self.linear_2, *T.linear(self.linear_1, act, tact))
+        e, e_tangent = T.linear(self.linear_2, *T.linear(self.linear_1, act, act_tangent))
         k = e.shape[-1]
-        return T.add(e, te, temb[..., :k], None if ttemb is None else ttemb[..., :k])
+        return T.add(e, e_tangent, temb[..., :k], None if temb_tangent is None else temb_tangent[..., :k])
 
 
 class TimeEmbedding(torch.nn.Module):
@@ -196,12 +196,12 @@ class TimeEmbedding(torch.nn.Module):
         self.linear_2 = torch.nn.Linear(hidden_size, 3 * hidden_size, bias=False, dtype=dtype)
         self.norm = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
 
-    def forward(self, t, tt=None):
-        p, tp = T.cast(*sinusoidal_embedding(t, tt, self.hidden_size), self.linear_1.weight.dtype)
-        h, th = T.silu(*T.linear(self.linear_1, p, tp))
-        temb, ttemb = T.linear(self.linear_2, h, th)
-        emb, temb_ = T.rms_norm(p, tp, self.norm, self.eps, self.hidden_size)
-        return (temb, ttemb), (emb, temb_)
+    def forward(self, t, t_tangent=None):
+        p, p_tangent = T.cast(*sinusoidal_embedding(t, t_tangent, self.hidden_size), self.linear_1.weight.dtype)
+        h, h_tangent = T.silu(*T.linear(self.linear_1, p, p_tangent))
+        temb, temb_tangent = T.linear(self.linear_2, h, h_tangent)
+        emb, temb_ = T.rms_norm(p, p_tangent, self.norm, self.eps, self.hidden_size)
+        return (temb, temb_tangent), (emb, temb_)
 
 
 class LearnablePositionEmbedding(torch.nn.Module):
@@ -223,41 +223,41 @@ class LearnablePositionEmbedding(torch.nn.Module):
 
 
 class CosmosBlock(torch.nn.Module):
-    def __init__(self, config: CosmosConfig, cfg, high_dtype: torch.dtype):
+    def __init__(self, config: CosmosConfig, parallel_config, high_dtype: torch.dtype):
         super().__init__()
         h, r = config.hidden_size, config.adaln_lora_dim
         self.eps = config.eps
-        self.cfg = cfg
+        self.parallel_config = parallel_config
         self.adaln_self_attention = AdaLNLoRA(h, r, 3, high_dtype)
         heads, d = config.num_attention_heads, config.attention_head_dim
         self.self_attention = Attention(AttentionConfig(h, heads, d, config.qk_norm_eps, "per_head", bias=False,
-                                                        rope_style="half"), cfg)
+                                                        rope_style="half"), parallel_config)
         self.adaln_cross_attention = AdaLNLoRA(h, r, 3, high_dtype)
         self.cross_attention = Attention(AttentionConfig(h, heads, d, config.qk_norm_eps, "per_head",
-                                                         context_dim=config.text_embed_dim, bias=False), cfg)
+                                                         context_dim=config.text_embed_dim, bias=False), parallel_config)
         self.adaln_mlp = AdaLNLoRA(h, r, 3, high_dtype)
-        self.mlp = MLP(h, config.ffn_dim, cfg, bias=False, activation="gelu_erf")
+        self.mlp = MLP(h, config.ffn_dim, parallel_config, bias=False, activation="gelu_erf")
 
-    def forward(self, x, tx, cond: "_Conditioning", rope, context, cp=None):
+    def forward(self, x, x_tangent, cond: "_Conditioning", rope, context, cp=None):
         """Three branches x + gate * branch(LayerNorm(x) (1 + scale) + shift); each gated residual update is fused
         with the next branch's norm. `cp`: the context-parallel token split (None without CP)."""
         if cond.pos is not None:
             x = x + cond.pos.to(x.dtype)
-        branches = ((self.adaln_self_attention, lambda n, tn: self.self_attention(n, tn, rope=rope, cp=cp)),
-                    (self.adaln_cross_attention, lambda n, tn: self.cross_attention(n, tn, context=context)),
+        branches = ((self.adaln_self_attention, lambda n, n_tangent: self.self_attention(n, n_tangent, rope=rope, cp=cp)),
+                    (self.adaln_cross_attention, lambda n, n_tangent: self.cross_attention(n, n_tangent, context=context)),
                     (self.adaln_mlp, self.mlp))
-        x, tx = cond.view(x), cond.view(tx)
-        (shift, tshift), (scale, tscale), gate = cond.modulation(branches[0][0])
-        n, tn = modulated_norm(x, tx, shift, tshift, scale, tscale, self.eps)
+        x, x_tangent = cond.view(x), cond.view(x_tangent)
+        (shift, shift_tangent), (scale, scale_tangent), gate = cond.modulation(branches[0][0])
+        n, n_tangent = modulated_norm(x, x_tangent, shift, shift_tangent, scale, scale_tangent, self.eps)
         for i, (_, branch) in enumerate(branches):
-            a, ta = branch(cond.unview(n), cond.unview(tn))
-            update = (cond.view(a), cond.view(ta), None, *gate)
+            a, a_tangent = branch(cond.unview(n), cond.unview(n_tangent))
+            update = (cond.view(a), cond.view(a_tangent), None, *gate)
             if i + 1 == len(branches):
-                x, tx = gated_residual(x, tx, *update)
+                x, x_tangent = gated_residual(x, x_tangent, *update)
             else:
-                (shift, tshift), (scale, tscale), gate = cond.modulation(branches[i + 1][0])
-                x, tx, n, tn = gated_residual_modulated_norm(x, tx, update, (shift, tshift, scale, tscale, self.eps))
-        return cond.unview(x), cond.unview(tx)
+                (shift, shift_tangent), (scale, scale_tangent), gate = cond.modulation(branches[i + 1][0])
+                x, x_tangent, n, n_tangent = gated_residual_modulated_norm(x, x_tangent, update, (shift, shift_tangent, scale, scale_tangent, self.eps))
+        return cond.unview(x), cond.unview(x_tangent)
 
 
 @dataclasses.dataclass
@@ -271,11 +271,11 @@ class _Conditioning:
     that cuts a frame) it is gathered per token via `frame_of_token`."""
 
     act: torch.Tensor
-    tact: torch.Tensor | None
+    act_tangent: torch.Tensor | None
     temb: torch.Tensor
-    ttemb: torch.Tensor | None
+    temb_tangent: torch.Tensor | None
     batch: int
-    cfg: object
+    parallel_config: object
     frames: tuple[int, int] | None = None
     """(first frame, frame count) of this rank's tokens when they are whole frames (per-frame timesteps)."""
     tokens_per_frame: int = 1
@@ -302,7 +302,7 @@ class _Conditioning:
         if e is None:
             return None
         if replicate:
-            e = replicate_for_sequence_parallel(e, self.cfg)
+            e = replicate_for_sequence_parallel(e, self.parallel_config)
         e = e.unflatten(0, (self.batch, -1))  # [B, T', k]
         if self.frames is not None:
             first, n = self.frames
@@ -312,11 +312,11 @@ class _Conditioning:
         return e.transpose(0, 1)
 
     def modulation(self, adaln: AdaLNLoRA):
-        e, te = adaln(self.act, self.tact, self.temb, self.ttemb)
-        e, te = self.to_tokens(e, True), self.to_tokens(te, False)
+        e, e_tangent = adaln(self.act, self.act_tangent, self.temb, self.temb_tangent)
+        e, e_tangent = self.to_tokens(e, True), self.to_tokens(e_tangent, False)
         parts = e.chunk(adaln.n, dim=-1)
-        tparts = te.chunk(adaln.n, dim=-1) if te is not None else [None] * adaln.n
-        return list(zip(parts, tparts))
+        parts_tangent = e_tangent.chunk(adaln.n, dim=-1) if e_tangent is not None else [None] * adaln.n
+        return list(zip(parts, parts_tangent))
 
 
 class CosmosModel(DiTModel):
@@ -344,7 +344,7 @@ class CosmosModel(DiTModel):
         if config.extra_pos_embed_type == "learnable":
             self.extra_pos_embedding = LearnablePositionEmbedding(h, self.grid_max, config.eps, high)
         self.time_embedding = TimeEmbedding(h, config.eps, high)
-        self.blocks = self._build_blocks(lambda: CosmosBlock(config, self.cfg, high))
+        self.blocks = self._build_blocks(lambda: CosmosBlock(config, self.parallel_config, high))
         if self.stage.is_last:
             self.head_adaln = AdaLNLoRA(h, config.adaln_lora_dim, 2, high)
             self.head = torch.nn.Linear(h, config.out_channels * math.prod(config.patch_size), bias=False, dtype=high)
@@ -408,16 +408,16 @@ class CosmosModel(DiTModel):
             extra.append(pad)
         return torch.cat(extra, dim=1) if extra else None
 
-    def _embed(self, tokens, ttokens):
-        return T.stacked(self.patch_embedding, tokens, ttokens, dim=0)
+    def _embed(self, tokens, tokens_tangent):
+        return T.stacked(self.patch_embedding, tokens, tokens_tangent, dim=0)
 
     def _context(self, text, dtype):
         return text.to(dtype).transpose(0, 1)  # [L, B, text_embed_dim]
 
-    def _token_conditioning(self, act, tact, temb, ttemb, b, grid, per_frame: bool, token_range) -> _Conditioning:
+    def _token_conditioning(self, act, act_tangent, temb, temb_tangent, b, grid, per_frame: bool, token_range) -> _Conditioning:
         """How per-sample or per-frame conditioning lands on the tokens [start, start + n) of the padded
         sequence (this rank's residual stream or CP chunk)."""
-        cond = _Conditioning(act, tact, temb, ttemb, b, self.cfg)
+        cond = _Conditioning(act, act_tangent, temb, temb_tangent, b, self.parallel_config)
         if not per_frame:
             return cond
         s, hw = math.prod(grid), grid[1] * grid[2]
@@ -428,35 +428,35 @@ class CosmosModel(DiTModel):
         frame = (torch.arange(start, start + n, device=act.device) // hw).clamp(max=grid[0] - 1)
         return dataclasses.replace(cond, frame_of_token=frame)
 
-    def _conditioning(self, timestep, ttimestep, batch, grid, split, fps=None, **kw):
-        (temb, ttemb), (emb, temb_) = self.time_embedding(timestep.flatten(),
-                                                          None if ttimestep is None else ttimestep.flatten())
-        act, tact = T.silu(emb, temb_)
+    def _conditioning(self, timestep, timestep_tangent, batch, grid, split, fps=None, **kw):
+        (temb, temb_tangent), (emb, temb_) = self.time_embedding(timestep.flatten(),
+                                                          None if timestep_tangent is None else timestep_tangent.flatten())
+        act, act_tangent = T.silu(emb, temb_)
         per_frame = timestep.dim() == 2
-        cond = self._token_conditioning(act, tact, temb, ttemb, batch, grid, per_frame, self._sp_range(split, True))
+        cond = self._token_conditioning(act, act_tangent, temb, temb_tangent, batch, grid, per_frame, self._sp_range(split, True))
         if self.config.extra_pos_embed_type == "learnable":
             cond = dataclasses.replace(cond, pos=self.split_tokens(self.extra_pos_embedding(grid), split))
         # the head's tokens: the whole CP chunk
-        head = self._token_conditioning(act, tact, temb, ttemb, batch, grid, per_frame, self._sp_range(split, False))
+        head = self._token_conditioning(act, act_tangent, temb, temb_tangent, batch, grid, per_frame, self._sp_range(split, False))
         return dataclasses.replace(cond, head=head)
 
-    def _head(self, x, tx, cond: _Conditioning, split):
+    def _head(self, x, x_tangent, cond: _Conditioning, split):
         head_cond = cond.head
-        act, tact, temb, ttemb = cond.act, cond.tact, cond.temb, cond.ttemb
-        e, te = self.head_adaln(act, tact, temb, ttemb)
-        e, te = head_cond.to_tokens(e, False), head_cond.to_tokens(te, False)
+        act, act_tangent, temb, temb_tangent = cond.act, cond.act_tangent, cond.temb, cond.temb_tangent
+        e, e_tangent = self.head_adaln(act, act_tangent, temb, temb_tangent)
+        e, e_tangent = head_cond.to_tokens(e, False), head_cond.to_tokens(e_tangent, False)
         shift, scale = e.chunk(2, dim=-1)
-        tshift, tscale = te.chunk(2, dim=-1) if te is not None else (None, None)
+        shift_tangent, scale_tangent = e_tangent.chunk(2, dim=-1) if e_tangent is not None else (None, None)
         # the head runs in high precision
-        n, tn = modulated_norm(head_cond.view(x), head_cond.view(tx), shift, tshift, scale, tscale, self.config.eps,
+        n, n_tangent = modulated_norm(head_cond.view(x), head_cond.view(x_tangent), shift, shift_tangent, scale, scale_tangent, self.config.eps,
                                self.high_dtype)
-        n, tn = head_cond.unview(n), head_cond.unview(tn)
-        y, ty = T.linear(self.head, n.transpose(0, 1), None if tn is None else tn.transpose(0, 1))  # [B, S, o]
+        n, n_tangent = head_cond.unview(n), head_cond.unview(n_tangent)
+        y, y_tangent = T.linear(self.head, n.transpose(0, 1), None if n_tangent is None else n_tangent.transpose(0, 1))  # [B, S, o]
         # diffusers orders the head's features (ph, pw, pt, c); patch tokens are (c, pt, ph, pw)
         _, ph, pw = self.config.patch_size
         to_tokens = lambda z: None if z is None else z.unflatten(-1, (ph, pw, -1, self.config.out_channels)).permute(
             0, 1, 5, 4, 2, 3).flatten(2)
-        return to_tokens(y), to_tokens(ty)
+        return to_tokens(y), to_tokens(y_tangent)
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, latents, timestep, text, condition_mask=None, padding_mask=None, fps=None):

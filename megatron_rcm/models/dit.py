@@ -9,7 +9,7 @@ A pass runs in five steps, each here or in a model hook:
    (padded) sequence; under sequence parallelism the residual stream is split again over the TP group.
    RoPE tables and token-shaped extras are split the same way; text is not (cross-attention stays local).
 3. **Embedding and conditioning** (model hooks `_embed`, `_conditioning`, `_context`, `_rope_angles`).
-4. **Blocks**: `block(x, tx, cond, rope, context, cp)`; `cp` (a `TokenSplit`) tells self-attention how to cross
+4. **Blocks**: `block(x, x_tangent, cond, rope, context, cp)`; `cp` (a `TokenSplit`) tells self-attention how to cross
    the CP ranks (a2a or ring, parallel/context.py).
 5. **Head** (model hook `_head`, on this CP rank's tokens), then the CP gather where a complete output is asked
    for.
@@ -29,29 +29,29 @@ import torch
 from megatron.core import tensor_parallel
 
 from megatron_rcm.models import tangent as T
-from megatron_rcm.models.blocks import parallel_config
+from megatron_rcm.models.blocks import build_parallel_config
 from megatron_rcm.parallel import pipeline, state
 from megatron_rcm.parallel.context import TokenSplit, resolve_cp_comm, token_split
 
 
-def pack_stage_tensor(x: torch.Tensor, tx: torch.Tensor | None) -> torch.Tensor:
+def pack_stage_tensor(x: torch.Tensor, x_tangent: torch.Tensor | None) -> torch.Tensor:
     """What travels between pipeline stages: the residual stream [S, B, h], or in the JVP pass activation and
     tangent stacked along the batch, [S, 2B, h] (megatron's schedules' (sequence, micro-batch, hidden) buffers
     then carry the pair with micro_batch_size 2B)."""
-    return x if tx is None else torch.cat([x, tx.to(x.dtype)], dim=1)
+    return x if x_tangent is None else torch.cat([x, x_tangent.to(x.dtype)], dim=1)
 
 
 def unpack_stage_tensor(t: torch.Tensor, tangent: bool):
-    """The inverse of `pack_stage_tensor`: (x, tx or None)."""
+    """The inverse of `pack_stage_tensor`: (x, x_tangent or None)."""
     return tuple(t.chunk(2, dim=1)) if tangent else (t, None)
 
 
-def _zero_padding(y, ty, split: TokenSplit):
+def _zero_padding(y, y_tangent, split: TokenSplit):
     """Head output tokens with padding set to zero, so that per-sample sums over tokens need no mask."""
     if split.valid == split.chunk:
-        return y, ty
+        return y, y_tangent
     keep = split.mask(y.device)[None, :, None]
-    return y * keep, (None if ty is None else ty * keep)
+    return y * keep, (None if y_tangent is None else y_tangent * keep)
 
 
 def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
@@ -193,8 +193,8 @@ class DiTModel(torch.nn.Module):
         super().__init__()
         state.ensure_parallel()
         self.config = config
-        self.cfg = parallel_config(params_dtype, sequence_parallel, perform_initialization)
-        self.sequence_parallel = self.cfg.sequence_parallel
+        self.parallel_config = build_parallel_config(params_dtype, sequence_parallel, perform_initialization)
+        self.sequence_parallel = self.parallel_config.sequence_parallel
         self.high_dtype = torch.promote_types(params_dtype, torch.float32)
         self.cp_comm = cp_comm
         self._check_cp_comm()
@@ -242,11 +242,11 @@ class DiTModel(torch.nn.Module):
         """Full-shape input channels [B, k, T, H, W] appended to latents of `shape` (no tangent), or None."""
         return None
 
-    def _embed(self, tokens, ttokens):
+    def _embed(self, tokens, tokens_tangent):
         """Patch embedding of [B, S_local, C_in*p] tokens -> [B, S_local, h] (and tangent)."""
         raise NotImplementedError
 
-    def _conditioning(self, timestep, ttimestep, batch: int, grid, split: TokenSplit, **kw):
+    def _conditioning(self, timestep, timestep_tangent, batch: int, grid, split: TokenSplit, **kw):
         """Whatever the blocks and the head need of the time (and token-shaped extras) for this rank's tokens."""
         raise NotImplementedError
 
@@ -258,20 +258,20 @@ class DiTModel(torch.nn.Module):
         """RoPE angles [S, head_dim/2] (float64) of the full sequence."""
         raise NotImplementedError
 
-    def _head(self, x, tx, cond, split: TokenSplit):
+    def _head(self, x, x_tangent, cond, split: TokenSplit):
         """Head on this CP rank's tokens [S_local, B, h] -> [B, S_local, C_out*p] in the patchify layout."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------------- layout
     def _check_cp_comm(self) -> str:
-        heads, tp = self.config.num_attention_heads, self.cfg.tensor_model_parallel_size
+        heads, tp = self.config.num_attention_heads, self.parallel_config.tensor_model_parallel_size
         if heads % tp:  # the attention blocks raise the clear error
             return self.cp_comm
         return resolve_cp_comm(self.cp_comm, heads // tp, state.cp_size())
 
     def _split(self, grid) -> TokenSplit:
         tokens = math.prod(grid)
-        tp, cp = self.cfg.tensor_model_parallel_size, state.cp_size()
+        tp, cp = self.parallel_config.tensor_model_parallel_size, state.cp_size()
         if self.sequence_parallel and cp == 1 and tokens % tp:
             raise ValueError(f"sequence parallelism needs the token count ({tokens}) divisible by TP={tp}")
         multiple = tp if self.sequence_parallel else 1
@@ -289,7 +289,7 @@ class DiTModel(torch.nn.Module):
         """(first token, count) in the full padded sequence of this rank's residual stream (SP shard) or of its
         CP chunk."""
         if sequence_parallel_shard and self.sequence_parallel:
-            n = split.chunk // self.cfg.tensor_model_parallel_size
+            n = split.chunk // self.parallel_config.tensor_model_parallel_size
             return split.start + state.tp_rank() * n, n
         return split.start, split.chunk
 
@@ -313,61 +313,61 @@ class DiTModel(torch.nn.Module):
     def _grid(self, full) -> tuple[int, int, int]:
         return tuple(s // p for s, p in zip(full[2:], self.config.patch_size))
 
-    def _embed_tokens(self, tokens, ttokens, full, split: TokenSplit, **kw):
+    def _embed_tokens(self, tokens, tokens_tangent, full, split: TokenSplit, **kw):
         """First stage: patch tokens of this CP rank [B, S_local, C*p] -> residual stream [S_res, B, h]."""
-        dtype = self.cfg.params_dtype
+        dtype = self.parallel_config.params_dtype
         tokens = tokens.to(dtype)
-        ttokens = None if ttokens is None else ttokens.to(dtype)
+        tokens_tangent = None if tokens_tangent is None else tokens_tangent.to(dtype)
         extra = self._extra_tokens(full, tokens.device, **kw)
         if extra is not None:
             extra = split.local(patchify(extra.to(dtype), self.config.patch_size), dim=1)
             tokens = torch.cat([tokens, extra], dim=-1)
-            ttokens = None if ttokens is None else torch.cat([ttokens, torch.zeros_like(extra)], dim=-1)
-        x, tx = self._embed(tokens, ttokens)
+            tokens_tangent = None if tokens_tangent is None else torch.cat([tokens_tangent, torch.zeros_like(extra)], dim=-1)
+        x, x_tangent = self._embed(tokens, tokens_tangent)
         to_seq = lambda z: None if z is None else z.transpose(0, 1).contiguous()  # [S_local, B, h]
-        x, tx = to_seq(x), to_seq(tx)
+        x, x_tangent = to_seq(x), to_seq(x_tangent)
         if self.sequence_parallel:
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)
-            tx = None if tx is None else tensor_parallel.scatter_to_sequence_parallel_region(tx)
-        return x, tx
+            x_tangent = None if x_tangent is None else tensor_parallel.scatter_to_sequence_parallel_region(x_tangent)
+        return x, x_tangent
 
-    def _head_tokens(self, x, tx, cond, split: TokenSplit):
+    def _head_tokens(self, x, x_tangent, cond, split: TokenSplit):
         """Last stage: residual stream -> head output [B, S_local, C_out*p]."""
         if self.sequence_parallel:
             # the head runs replicated on the CP chunk: its gradient must be split, not reduce-scattered
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
-            tx = None if tx is None else tensor_parallel.gather_from_sequence_parallel_region(
-                tx, tensor_parallel_output_grad=False)
-        return self._head(x, tx, cond, split)
+            x_tangent = None if x_tangent is None else tensor_parallel.gather_from_sequence_parallel_region(
+                x_tangent, tensor_parallel_output_grad=False)
+        return self._head(x, x_tangent, cond, split)
 
-    def _stage_run(self, tokens, ttokens, x, tx, timestep, ttimestep, text, full, split: TokenSplit, **kw):
+    def _stage_run(self, tokens, tokens_tangent, x, x_tangent, timestep, timestep_tangent, text, full, split: TokenSplit, **kw):
         """This pipeline stage of a pass: patch tokens (first stage) or the previous stage's residual stream
-        (`x`, `tx`) -> the residual stream after this stage's blocks, or the head output on the last stage.
+        (`x`, `x_tangent`) -> the residual stream after this stage's blocks, or the head output on the last stage.
         `full` is the full latent shape [B, C, T, H, W]."""
         grid = self._grid(full)
         if self.stage.is_first:
-            x, tx = self._embed_tokens(tokens, ttokens, full, split, **kw)
-        cond = self._conditioning(timestep, ttimestep, full[0], grid, split, **kw)
-        context = self._context(text, self.cfg.params_dtype)
+            x, x_tangent = self._embed_tokens(tokens, tokens_tangent, full, split, **kw)
+        cond = self._conditioning(timestep, timestep_tangent, full[0], grid, split, **kw)
+        context = self._context(text, self.parallel_config.params_dtype)
         rope = self._rope(grid, split, x.device, **self._rope_kwargs(**kw))
         cp = split if split.size > 1 else None
         for block in self.blocks:
-            x, tx = block(x, tx, cond, rope, context, cp)
+            x, x_tangent = block(x, x_tangent, cond, rope, context, cp)
         if not self.stage.is_last:
-            return x, tx
-        return self._head_tokens(x, tx, cond, split)
+            return x, x_tangent
+        return self._head_tokens(x, x_tangent, cond, split)
 
-    def _tokens_run(self, tokens, ttokens, timestep, ttimestep, text, full, split: TokenSplit, **kw):
+    def _tokens_run(self, tokens, tokens_tangent, timestep, timestep_tangent, text, full, split: TokenSplit, **kw):
         """Patch tokens of this CP rank [B, S_local, C*p] -> head output [B, S_local, C_out*p] (and tangents),
         on every pipeline stage (the stages run as a chain, the last one's output broadcast)."""
         if self.stage.size == 1:
-            return self._stage_run(tokens, ttokens, None, None, timestep, ttimestep, text, full, split, **kw)
-        tangent = ttimestep is not None
-        x = tx = None
+            return self._stage_run(tokens, tokens_tangent, None, None, timestep, timestep_tangent, text, full, split, **kw)
+        tangent = timestep_tangent is not None
+        x = x_tangent = None
         if not self.stage.is_first:
             x = pipeline.receive_activation()
-            x, tx = unpack_stage_tensor(x, tangent)
-        out = pack_stage_tensor(*self._stage_run(tokens, ttokens, x, tx, timestep, ttimestep, text, full, split,
+            x, x_tangent = unpack_stage_tensor(x, tangent)
+        out = pack_stage_tensor(*self._stage_run(tokens, tokens_tangent, x, x_tangent, timestep, timestep_tangent, text, full, split,
                                                  **kw))
         if self.stage.is_last:
             pipeline.broadcast_from_last(out)
@@ -379,25 +379,25 @@ class DiTModel(torch.nn.Module):
         """The call's keyword arguments that change the RoPE tables."""
         return {}
 
-    def _run(self, latents, timestep, text, tlatents, ttimestep, **kw):
+    def _run(self, latents, timestep, text, latents_tangent, timestep_tangent, **kw):
         grid = self._check_inputs(latents, timestep, text, **kw)
         split = self._split(grid)
         p = tuple(self.config.patch_size)
-        dtype = self.cfg.params_dtype
+        dtype = self.parallel_config.params_dtype
         tokens = split.local(patchify(latents.to(dtype), p), dim=1)
-        ttokens = None if tlatents is None else split.local(patchify(tlatents.to(dtype), p), dim=1)
-        y, ty = self._tokens_run(tokens, ttokens, timestep, ttimestep, text, tuple(latents.shape), split, **kw)
-        if ty is not None and split.size > 1:
+        tokens_tangent = None if latents_tangent is None else split.local(patchify(latents_tangent.to(dtype), p), dim=1)
+        y, y_tangent = self._tokens_run(tokens, tokens_tangent, timestep, timestep_tangent, text, tuple(latents.shape), split, **kw)
+        if y_tangent is not None and split.size > 1:
             # the output and its tangent in one gather
-            both = split.gather(torch.cat([y, ty], dim=0), dim=1)
-            y, ty = both.chunk(2, dim=0)
+            both = split.gather(torch.cat([y, y_tangent], dim=0), dim=1)
+            y, y_tangent = both.chunk(2, dim=0)
         else:
             y = split.gather(y, dim=1)
-            ty = None if ty is None else split.gather(ty, dim=1)
+            y_tangent = None if y_tangent is None else split.gather(y_tangent, dim=1)
         out = unpatchify(y, grid, p).to(latents.dtype)
-        return out, (None if ty is None else unpatchify(ty, grid, p).to(latents.dtype))
+        return out, (None if y_tangent is None else unpatchify(y_tangent, grid, p).to(latents.dtype))
 
-    def _sharded_run(self, tokens, timestep, text, layout: TokenLayout, ttokens, ttimestep, **kw):
+    def _sharded_run(self, tokens, timestep, text, layout: TokenLayout, tokens_tangent, timestep_tangent, **kw):
         c = tokens.shape[-1] // math.prod(layout.patch)
         full = (layout.shape[0], c, *layout.shape[2:])
         self._check_inputs(torch.empty(full, device="meta"), timestep, text, **kw)
@@ -405,8 +405,8 @@ class DiTModel(torch.nn.Module):
         if tokens.dim() != 3 or tokens.shape[:2] != (layout.shape[0], split.chunk):
             raise ValueError(f"tokens must be this rank's [B={layout.shape[0]}, {split.chunk}, C*p] "
                              f"(TokenLayout.shard), got {tuple(tokens.shape)}")
-        y, ty = _zero_padding(*self._tokens_run(tokens, ttokens, timestep, ttimestep, text, full, split, **kw), split)
-        return y.to(tokens.dtype), (None if ty is None else ty.to(tokens.dtype))
+        y, y_tangent = _zero_padding(*self._tokens_run(tokens, tokens_tangent, timestep, timestep_tangent, text, full, split, **kw), split)
+        return y.to(tokens.dtype), (None if y_tangent is None else y_tangent.to(tokens.dtype))
 
     # ---------------------------------------------------------------------------------------------- sharded API
     def forward_tokens(self, tokens, timestep, text, layout: TokenLayout, **kw):
@@ -419,15 +419,15 @@ class DiTModel(torch.nn.Module):
                    **kw):
         """(velocity tokens, tangent) of this rank, as `forward_tokens`; always without autograd."""
         with torch.no_grad():
-            tt, tts = T.input_tangents(tokens, timestep, tokens_tangent, timestep_tangent)
-            return self._sharded_run(tokens, timestep, text, layout, tt, tts, **kw)
+            tokens_tangent, timestep_tangent = T.input_tangents(tokens, timestep, tokens_tangent, timestep_tangent)
+            return self._sharded_run(tokens, timestep, text, layout, tokens_tangent, timestep_tangent, **kw)
 
     # ---------------------------------------------------------------------------------------------- stage API
     def stage_activation_shape(self, layout: TokenLayout, jvp: bool = False) -> tuple[int, ...]:
         """Shape of what a non-last stage sends on (megatron's schedules' `tensor_shape`): the residual stream
         [S_res, B, h] (S_res: this rank's CP chunk, divided by TP under sequence parallelism), [S_res, 2B, h] in
         the JVP pass (activation and tangent stacked along the batch)."""
-        s = layout.split.chunk // (self.cfg.tensor_model_parallel_size if self.sequence_parallel else 1)
+        s = layout.split.chunk // (self.parallel_config.tensor_model_parallel_size if self.sequence_parallel else 1)
         return (s, layout.shape[0] * (2 if jvp else 1), self.config.hidden_size)
 
     def stage_forward(self, tokens, timestep, text, layout: TokenLayout, hidden=None, jvp: bool = False,
@@ -449,22 +449,23 @@ class DiTModel(torch.nn.Module):
         full = tuple(layout.shape)
         self._check_inputs(torch.empty(full, device="meta"), timestep, text, **kw)
         with torch.no_grad() if jvp else contextlib.nullcontext():
-            ttokens = ttimestep = None
-            if jvp:
-                ttimestep = (torch.zeros_like(timestep, dtype=torch.promote_types(timestep.dtype, torch.float32))
-                             if timestep_tangent is None else timestep_tangent)
-                if st.is_first:
-                    ttokens = torch.zeros_like(tokens) if tokens_tangent is None else tokens_tangent
-            x = tx = None
+            if not jvp:
+                tokens_tangent = timestep_tangent = None
+            else:
+                timestep_tangent = (torch.zeros_like(timestep, dtype=torch.promote_types(timestep.dtype, torch.float32))
+                                    if timestep_tangent is None else timestep_tangent)
+                tokens_tangent = (torch.zeros_like(tokens) if tokens_tangent is None else tokens_tangent) \
+                    if st.is_first else None
+            x = x_tangent = None
             if not st.is_first:
-                x, tx = unpack_stage_tensor(hidden, jvp)
+                x, x_tangent = unpack_stage_tensor(hidden, jvp)
             elif tokens.dim() != 3 or tokens.shape[:2] != (full[0], layout.split.chunk):
                 raise ValueError(f"tokens must be this rank's [B={full[0]}, {layout.split.chunk}, C*p] "
                                  f"(TokenLayout.shard), got {tuple(tokens.shape)}")
-            out = self._stage_run(tokens, ttokens, x, tx, timestep, ttimestep, text, full, layout.split, **kw)
+            out = self._stage_run(tokens, tokens_tangent, x, x_tangent, timestep, timestep_tangent, text, full, layout.split, **kw)
             if not st.is_last:
                 return pack_stage_tensor(*out)
-            y, ty = _zero_padding(*out, layout.split)
-            dtype = self.cfg.params_dtype if tokens is None else tokens.dtype
+            y, y_tangent = _zero_padding(*out, layout.split)
+            dtype = self.parallel_config.params_dtype if tokens is None else tokens.dtype
             y = y.to(dtype)
-            return (y, ty.to(dtype)) if jvp else y
+            return (y, y_tangent.to(dtype)) if jvp else y

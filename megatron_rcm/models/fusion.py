@@ -6,7 +6,7 @@ CUDA so that it reads and writes each activation once; on CPU (tests, float64 re
 function runs eagerly. Each region is written with the tangent rules, so one function serves the plain, the
 with-grad and the JVP pass. `RCM_FUSION=0` turns compilation off.
 
-`chain` joins two regions whose second consumes the first's `(x, tx)` (a residual update and the norm after it)
+`chain` joins two regions whose second consumes the first's `(x, x_tangent)` (a residual update and the norm after it)
 into one, so that the updated x is written once and never read back. `RCM_RESIDUAL_NORM_FUSION=0` runs such
 pairs as their two separate regions again (for timing).
 """
@@ -59,22 +59,22 @@ def fused(fn):
 
 
 def chain(first, second, name: str = "RCM_RESIDUAL_NORM_FUSION"):
-    """One fused region computing `x, tx = first(x, tx, *first_args)` and then `second(x, tx, *second_args)`;
-    returns `(x, tx, *second's outputs)`. `first` and `second` are `fused` regions; with the switch `name` off
+    """One fused region computing `x, x_tangent = first(x, x_tangent, *first_args)` and then `second(x, x_tangent, *second_args)`;
+    returns `(x, x_tangent, *second's outputs)`. `first` and `second` are `fused` regions; with the switch `name` off
     they run as such, one after the other."""
 
-    def both(x, tx, first_args, second_args):
-        x, tx = first.__wrapped__(x, tx, *first_args)
-        return (x, tx, *second.__wrapped__(x, tx, *second_args))
+    def both(x, x_tangent, first_args, second_args):
+        x, x_tangent = first.__wrapped__(x, x_tangent, *first_args)
+        return (x, x_tangent, *second.__wrapped__(x, x_tangent, *second_args))
 
     both.__name__ = both.__qualname__ = f"{first.__name__}_{second.__name__}"
     region = fused(both)
 
     @functools.wraps(both)
-    def run(x, tx, first_args: tuple, second_args: tuple):
+    def run(x, x_tangent, first_args: tuple, second_args: tuple):
         if switch(name):
-            return region(x, tx, first_args, second_args)
-        x, tx = first(x, tx, *first_args)
-        return (x, tx, *second(x, tx, *second_args))
+            return region(x, x_tangent, first_args, second_args)
+        x, x_tangent = first(x, x_tangent, *first_args)
+        return (x, x_tangent, *second(x, x_tangent, *second_args))
 
     return run

@@ -34,11 +34,11 @@ class Architecture:
     config_from_original: Callable[[dict], object] | None = None
 
 
-def _wan_config_from_original(cfg: dict):
-    return WanConfig(num_attention_heads=cfg["num_heads"], attention_head_dim=cfg["dim"] // cfg["num_heads"],
-                     ffn_dim=cfg["ffn_dim"], num_layers=cfg["num_layers"], in_channels=cfg.get("in_dim", 16),
-                     out_channels=cfg.get("out_dim", 16), freq_dim=cfg.get("freq_dim", 256),
-                     text_dim=cfg.get("text_dim", 4096), eps=cfg.get("eps", 1e-6))
+def _wan_config_from_original(original: dict):
+    return WanConfig(num_attention_heads=original["num_heads"], attention_head_dim=original["dim"] // original["num_heads"],
+                     ffn_dim=original["ffn_dim"], num_layers=original["num_layers"], in_channels=original.get("in_dim", 16),
+                     out_channels=original.get("out_dim", 16), freq_dim=original.get("freq_dim", 256),
+                     text_dim=original.get("text_dim", 4096), eps=original.get("eps", 1e-6))
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -139,14 +139,14 @@ def inspect_checkpoint(path: str, model: str | None = None, preset: str | None =
         kind, directory, config = "megatron", path, config_from_dict(arch, header["config"])
     else:
         directory = hf.resolve_model_dir(path)
-        cfg = hf.read_config(directory) or {}
+        stored = hf.read_config(directory) or {}
         by_class = {a.hf_class_name: a for a in ARCHITECTURES.values()}
-        if cfg.get("_class_name") in by_class:
-            arch = by_class[cfg["_class_name"]]
-            kind, config = "diffusers", arch.config_cls.from_diffusers(cfg)
-        elif "dim" in cfg and "num_heads" in cfg and model in (None, "wan"):
+        if stored.get("_class_name") in by_class:
+            arch = by_class[stored["_class_name"]]
+            kind, config = "diffusers", arch.config_cls.from_diffusers(stored)
+        elif "dim" in stored and "num_heads" in stored and model in (None, "wan"):
             arch = ARCHITECTURES["wan"]
-            kind, config = "original", arch.config_from_original(cfg)
+            kind, config = "original", arch.config_from_original(stored)
         elif os.path.isfile(os.path.join(directory, ORIGINAL_PICKLE)) and preset is not None:
             from megatron_rcm.models import get_preset
 

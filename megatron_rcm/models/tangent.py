@@ -1,7 +1,7 @@
 """Forward-mode (JVP) rules for the DiT's pieces.
 
-Every function takes a primal `x` and a tangent `tx` (or None for a plain pass) and returns `(y, ty)` with
-`ty = None` when `tx` is None, so each layer has one code path for the plain, the with-grad and the JVP pass.
+Every function takes a primal `x` and a tangent `x_tangent` (or None for a plain pass) and returns `(y, y_tangent)` with
+`y_tangent = None` when `x_tangent` is None, so each layer has one code path for the plain, the with-grad and the JVP pass.
 Linear pieces run the primal and the tangent through one GEMM / one collective by stacking them along the batch
 dimension (biases go to the primal half only); nonlinear pieces have explicit derivative rules. Statistics
 (norms) are computed in at least float32, float64 when the inputs are float64.
@@ -18,12 +18,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def stacked(fn, x, tx, dim: int):
-    """Apply a linear map `fn` to `x` and `tx` in one call, stacked along `dim`."""
-    if tx is None:
+def stacked(fn, x, x_tangent, dim: int):
+    """Apply a linear map `fn` to `x` and `x_tangent` in one call, stacked along `dim`."""
+    if x_tangent is None:
         return fn(x), None
     n = x.shape[dim]
-    y = fn(torch.cat([x, tx.to(x.dtype)], dim=dim))
+    y = fn(torch.cat([x, x_tangent.to(x.dtype)], dim=dim))
     return y.narrow(dim, 0, n), y.narrow(dim, n, y.shape[dim] - n)
 
 
@@ -54,22 +54,22 @@ def _call(layer, x):
     return layer(x)
 
 
-def parallel_linear_nobias(layer, x, tx, batch_dim: int = 1):
-    """megatron-core Column/RowParallelLinear built with `skip_bias_add=True`: `(y, ty, bias)` without the bias
+def parallel_linear_nobias(layer, x, x_tangent, batch_dim: int = 1):
+    """megatron-core Column/RowParallelLinear built with `skip_bias_add=True`: `(y, y_tangent, bias)` without the bias
     added, so that the consumer fuses the add (the bias belongs to the primal only)."""
-    if tx is None:
+    if x_tangent is None:
         y, bias = _call(layer, x)
         return y, None, (None if bias is None else _sp_bias(layer, bias))
     n = x.shape[batch_dim]
-    y2, bias = _call(layer, torch.cat([x, tx.to(x.dtype)], dim=batch_dim))
-    y, ty = y2.narrow(batch_dim, 0, n), y2.narrow(batch_dim, n, y2.shape[batch_dim] - n)
-    return y, ty, (None if bias is None else _sp_bias(layer, bias))
+    y2, bias = _call(layer, torch.cat([x, x_tangent.to(x.dtype)], dim=batch_dim))
+    y, y_tangent = y2.narrow(batch_dim, 0, n), y2.narrow(batch_dim, n, y2.shape[batch_dim] - n)
+    return y, y_tangent, (None if bias is None else _sp_bias(layer, bias))
 
 
-def parallel_linear(layer, x, tx, batch_dim: int = 1):
+def parallel_linear(layer, x, x_tangent, batch_dim: int = 1):
     """megatron-core Column/RowParallelLinear built with `skip_bias_add=True`: bias on the primal only."""
-    y, ty, bias = parallel_linear_nobias(layer, x, tx, batch_dim)
-    return (y if bias is None else y + bias), ty
+    y, y_tangent, bias = parallel_linear_nobias(layer, x, x_tangent, batch_dim)
+    return (y if bias is None else y + bias), y_tangent
 
 
 def _sp_bias(layer, bias):
@@ -81,62 +81,62 @@ def _sp_bias(layer, bias):
     return bias
 
 
-def linear(layer: torch.nn.Linear, x, tx):
+def linear(layer: torch.nn.Linear, x, x_tangent):
     """A replicated torch Linear (inputs in any layout, features last)."""
-    if tx is None:
+    if x_tangent is None:
         return layer(x), None
-    y2 = F.linear(torch.cat([x, tx.to(x.dtype)], dim=0), layer.weight)
+    y2 = F.linear(torch.cat([x, x_tangent.to(x.dtype)], dim=0), layer.weight)
     n = x.shape[0]
-    y, ty = y2[:n], y2[n:]
-    return (y if layer.bias is None else y + layer.bias), ty
+    y, y_tangent = y2[:n], y2[n:]
+    return (y if layer.bias is None else y + layer.bias), y_tangent
 
 
-def silu(x, tx):
+def silu(x, x_tangent):
     y = F.silu(x)
-    if tx is None:
+    if x_tangent is None:
         return y, None
     s = torch.sigmoid(x)
-    return y, tx * (s * (1 + x * (1 - s)))
+    return y, x_tangent * (s * (1 + x * (1 - s)))
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-def gelu_tanh(x, tx):
+def gelu_tanh(x, x_tangent):
     y = F.gelu(x, approximate="tanh")
-    if tx is None:
+    if x_tangent is None:
         return y, None
     u = _GELU_C * (x + 0.044715 * x**3)
     th = torch.tanh(u)
     dy = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _GELU_C * (1 + 3 * 0.044715 * x * x)
-    return y, tx * dy
+    return y, x_tangent * dy
 
 
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def gelu_erf(x, tx):
+def gelu_erf(x, x_tangent):
     """Exact GELU x Phi(x); derivative Phi(x) + x phi(x)."""
     y = F.gelu(x)
-    if tx is None:
+    if x_tangent is None:
         return y, None
     dy = 0.5 * (1 + torch.erf(x * _SQRT_HALF)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-    return y, tx * dy
+    return y, x_tangent * dy
 
 
-def layer_norm(x, tx, eps: float, weight=None, bias=None):
+def layer_norm(x, x_tangent, eps: float, weight=None, bias=None):
     """LayerNorm over the last dimension in at least float32; returns the compute dtype."""
     ct = compute_dtype(x.dtype)
     xf = x.to(ct)
     w = None if weight is None else weight.to(ct)
     b = None if bias is None else bias.to(ct)
     y = F.layer_norm(xf, xf.shape[-1:], w, b, eps)
-    if tx is None:
+    if x_tangent is None:
         return y, None
     xc = xf - xf.mean(-1, keepdim=True)
     r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
-    txf = tx.to(ct)
+    txf = x_tangent.to(ct)
     dxc = txf - txf.mean(-1, keepdim=True)
     n = xc * r
     dn = r * dxc - n * (r * r) * (xc * dxc).mean(-1, keepdim=True)
@@ -168,73 +168,73 @@ def all_reduce_sum(x, group):
     return _AllReduceSum.apply(x, group)
 
 
-def rms_stats(x, tx, dims=(-1,)):
-    """Sums of x*x (and of x*tx) over `dims`, stacked on a new last axis, in the compute dtype."""
+def rms_stats(x, x_tangent, dims=(-1,)):
+    """Sums of x*x (and of x*x_tangent) over `dims`, stacked on a new last axis, in the compute dtype."""
     ct = compute_dtype(x.dtype)
     xf = x.to(ct)
     ss = (xf * xf).sum(dim=dims, keepdim=True)
-    if tx is None:
+    if x_tangent is None:
         return ss.unsqueeze(-1)
-    return torch.stack([ss, (xf * tx.to(ct)).sum(dim=dims, keepdim=True)], dim=-1)
+    return torch.stack([ss, (xf * x_tangent.to(ct)).sum(dim=dims, keepdim=True)], dim=-1)
 
 
-def rms_apply(x, tx, stats, weight, eps: float, full_dim: int):
+def rms_apply(x, x_tangent, stats, weight, eps: float, full_dim: int):
     """RMSNorm from (all-reduced) `rms_stats` over `full_dim` channels; results in the compute dtype."""
     ct = compute_dtype(x.dtype)
     xf = x.to(ct)
     r = torch.rsqrt(stats[..., 0] / full_dim + eps)
     n = xf * r
     w = weight.to(ct)
-    if tx is None:
+    if x_tangent is None:
         return n * w, None
-    dn = r * tx.to(ct) - n * (r * r) * (stats[..., 1] / full_dim)
+    dn = r * x_tangent.to(ct) - n * (r * r) * (stats[..., 1] / full_dim)
     return n * w, dn * w
 
 
-def rms_norm(x, tx, weight, eps: float, full_dim: int, group=None):
+def rms_norm(x, x_tangent, weight, eps: float, full_dim: int, group=None):
     """RMSNorm over the last dimension, which may be split across `group` (q/k norm across all heads under
-    TP): the sums of x*x (and of x*tx for the tangent) are all-reduced in one collective."""
-    stats = all_reduce_sum(rms_stats(x, tx), group)
-    y, ty = rms_apply(x, tx, stats, weight, eps, full_dim)
-    return y.to(x.dtype), (None if ty is None else ty.to(x.dtype))
+    TP): the sums of x*x (and of x*x_tangent for the tangent) are all-reduced in one collective."""
+    stats = all_reduce_sum(rms_stats(x, x_tangent), group)
+    y, y_tangent = rms_apply(x, x_tangent, stats, weight, eps, full_dim)
+    return y.to(x.dtype), (None if y_tangent is None else y_tangent.to(x.dtype))
 
 
-def modulate(n, tn, shift, tshift, scale, tscale):
+def modulate(n, n_tangent, shift, shift_tangent, scale, scale_tangent):
     """adaLN: n * (1 + scale) + shift."""
     y = n * (1 + scale) + shift
-    if tn is None and tshift is None:
+    if n_tangent is None and shift_tangent is None:
         return y, None
-    ty = 0
-    if tn is not None:
-        ty = tn * (1 + scale)
-    if tscale is not None:
-        ty = ty + n * tscale + tshift
-    return y, ty
+    y_tangent = 0
+    if n_tangent is not None:
+        y_tangent = n_tangent * (1 + scale)
+    if scale_tangent is not None:
+        y_tangent = y_tangent + n * scale_tangent + shift_tangent
+    return y, y_tangent
 
 
-def gated_residual(x, tx, a, ta, gate, tgate):
+def gated_residual(x, x_tangent, a, a_tangent, gate, gate_tangent):
     """x + a * gate, in the compute dtype of the gate."""
     y = x.to(gate.dtype) + a.to(gate.dtype) * gate
-    if tx is None and ta is None and tgate is None:
+    if x_tangent is None and a_tangent is None and gate_tangent is None:
         return y, None
-    ty = tx.to(gate.dtype) if tx is not None else 0
-    if ta is not None:
-        ty = ty + ta.to(gate.dtype) * gate
-    if tgate is not None:
-        ty = ty + a.to(gate.dtype) * tgate
-    return y, ty
+    y_tangent = x_tangent.to(gate.dtype) if x_tangent is not None else 0
+    if a_tangent is not None:
+        y_tangent = y_tangent + a_tangent.to(gate.dtype) * gate
+    if gate_tangent is not None:
+        y_tangent = y_tangent + a.to(gate.dtype) * gate_tangent
+    return y, y_tangent
 
 
-def add(x, tx, y, ty):
+def add(x, x_tangent, y, y_tangent):
     out = x + y
-    if tx is None and ty is None:
+    if x_tangent is None and y_tangent is None:
         return out, None
-    if tx is None:
-        return out, ty
-    if ty is None:
-        return out, tx
-    return out, tx + ty
+    if x_tangent is None:
+        return out, y_tangent
+    if y_tangent is None:
+        return out, x_tangent
+    return out, x_tangent + y_tangent
 
 
-def cast(x, tx, dtype):
-    return x.to(dtype), (None if tx is None else tx.to(dtype))
+def cast(x, x_tangent, dtype):
+    return x.to(dtype), (None if x_tangent is None else x_tangent.to(dtype))

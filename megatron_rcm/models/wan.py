@@ -73,15 +73,15 @@ class WanConfig:
             rope_max_seq_len=1024, pos_embed_seq_len=None)
 
     @classmethod
-    def from_diffusers(cls, cfg: dict) -> "WanConfig":
-        unsupported = {k: cfg.get(k) for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
-                       if cfg.get(k) is not None}
+    def from_diffusers(cls, diffusers_config: dict) -> "WanConfig":
+        unsupported = {k: diffusers_config.get(k) for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+                       if diffusers_config.get(k) is not None}
         if unsupported:
             raise ValueError(f"image-conditioned Wan models are not supported (config has {unsupported})")
-        if not cfg.get("cross_attn_norm", True) or cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        if not diffusers_config.get("cross_attn_norm", True) or diffusers_config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
             raise ValueError("only Wan2.1 text-to-video configs (cross_attn_norm=True, qk_norm across heads) are supported")
         names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in cfg.items() if k in names}
+        kw = {k: v for k, v in diffusers_config.items() if k in names}
         if "patch_size" in kw:
             kw["patch_size"] = tuple(kw["patch_size"])
         return cls(**kw)
@@ -102,38 +102,38 @@ PRESETS: dict[str, WanConfig] = {
 
 
 class WanBlock(torch.nn.Module):
-    def __init__(self, config: WanConfig, cfg, high_dtype: torch.dtype):
+    def __init__(self, config: WanConfig, parallel_config, high_dtype: torch.dtype):
         super().__init__()
         h = config.hidden_size
         self.eps = config.eps
-        self.cfg = cfg
+        self.parallel_config = parallel_config
         self.self_attention = Attention(AttentionConfig(h, config.num_attention_heads, config.attention_head_dim,
-                                                        config.eps, "across_heads"), cfg)
+                                                        config.eps, "across_heads"), parallel_config)
         self.cross_attention_norm = torch.nn.LayerNorm(h, eps=config.eps, dtype=high_dtype)
         self.cross_attention = Attention(AttentionConfig(h, config.num_attention_heads, config.attention_head_dim,
-                                                         config.eps, "across_heads", context_dim=h), cfg)
-        self.mlp = MLP(h, config.ffn_dim, cfg)
+                                                         config.eps, "across_heads", context_dim=h), parallel_config)
+        self.mlp = MLP(h, config.ffn_dim, parallel_config)
         self.modulation = torch.nn.Parameter(torch.randn(1, 6, h, dtype=high_dtype) / h**0.5)
 
-    def forward(self, x, tx, cond: "_WanConditioning", rope, context, cp=None):
+    def forward(self, x, x_tangent, cond: "_WanConditioning", rope, context, cp=None):
         """x [s, b, h]; `cond` holds the time projection [b, 6, h] (high precision) and its tangent; rope =
         (cos, sin); `cp` the context-parallel token split (None without CP)."""
-        e = replicate_for_sequence_parallel(self.modulation + cond.t_proj, self.cfg)
+        e = replicate_for_sequence_parallel(self.modulation + cond.t_proj, self.parallel_config)
         mods = [m[None] for m in e.unbind(1)]  # each [1, b, h]
-        tmods = [None] * 6 if cond.tt_proj is None else [m[None] for m in cond.tt_proj.unbind(1)]
+        mods_tangent = [None] * 6 if cond.t_proj_tangent is None else [m[None] for m in cond.t_proj_tangent.unbind(1)]
         shift, scale, gate, c_shift, c_scale, c_gate = mods
-        tshift, tscale, tgate, tc_shift, tc_scale, tc_gate = tmods
+        shift_tangent, scale_tangent, gate_tangent, c_shift_tangent, c_scale_tangent, c_gate_tangent = mods_tangent
 
-        n, tn = modulated_norm(x, tx, shift, tshift, scale, tscale, self.eps)
-        a, ta, bias = self.self_attention(n, tn, rope=rope, add_bias=False, cp=cp)
+        n, n_tangent = modulated_norm(x, x_tangent, shift, shift_tangent, scale, scale_tangent, self.eps)
+        a, a_tangent, bias = self.self_attention(n, n_tangent, rope=rope, add_bias=False, cp=cp)
         # each residual update is fused with the norm that reads its result
-        w = replicate_for_sequence_parallel(self.cross_attention_norm.weight, self.cfg)
-        b = replicate_for_sequence_parallel(self.cross_attention_norm.bias, self.cfg)
-        x, tx, n, tn = gated_residual_affine_norm(x, tx, (a, ta, bias, gate, tgate), (w, b, self.eps))
-        a, ta, bias = self.cross_attention(n, tn, context=context, add_bias=False)
-        x, tx, n, tn = residual_modulated_norm(x, tx, (a, ta, bias), (c_shift, tc_shift, c_scale, tc_scale, self.eps))
-        f, tf, bias = self.mlp(n, tn, add_bias=False)
-        return gated_residual(x, tx, f, tf, bias, c_gate, tc_gate)
+        w = replicate_for_sequence_parallel(self.cross_attention_norm.weight, self.parallel_config)
+        b = replicate_for_sequence_parallel(self.cross_attention_norm.bias, self.parallel_config)
+        x, x_tangent, n, n_tangent = gated_residual_affine_norm(x, x_tangent, (a, a_tangent, bias, gate, gate_tangent), (w, b, self.eps))
+        a, a_tangent, bias = self.cross_attention(n, n_tangent, context=context, add_bias=False)
+        x, x_tangent, n, n_tangent = residual_modulated_norm(x, x_tangent, (a, a_tangent, bias), (c_shift, c_shift_tangent, c_scale, c_scale_tangent, self.eps))
+        f, f_tangent, bias = self.mlp(n, n_tangent, add_bias=False)
+        return gated_residual(x, x_tangent, f, f_tangent, bias, c_gate, c_gate_tangent)
 
 
 @dataclasses.dataclass
@@ -141,9 +141,9 @@ class _WanConditioning:
     """Time conditioning of one pass: the embedding (head) and the 6-way projection (blocks), with tangents."""
 
     temb: torch.Tensor
-    ttemb: torch.Tensor | None
+    temb_tangent: torch.Tensor | None
     t_proj: torch.Tensor
-    tt_proj: torch.Tensor | None
+    t_proj_tangent: torch.Tensor | None
 
 
 class WanModel(DiTModel):
@@ -170,7 +170,7 @@ class WanModel(DiTModel):
         self.time_embedding = TimestepEmbedding(config.freq_dim, h, high)
         self.time_projection = torch.nn.Linear(h, 6 * h, dtype=high)
         self.text_embedding = TextProjection(config.text_dim, h, params_dtype)
-        self.blocks = self._build_blocks(lambda: WanBlock(config, self.cfg, high))
+        self.blocks = self._build_blocks(lambda: WanBlock(config, self.parallel_config, high))
         if self.stage.is_last:
             self.head = torch.nn.Linear(h, config.out_channels * math.prod(config.patch_size), dtype=high)
             self.head_modulation = torch.nn.Parameter(torch.randn(1, 2, h, dtype=high) / h**0.5)
@@ -191,18 +191,18 @@ class WanModel(DiTModel):
             raise ValueError(f"text must be [B={b}, L, {c.text_dim}], got {tuple(text.shape)}")
         return tuple(s // p for s, p in zip(latents.shape[2:], c.patch_size))
 
-    def _embed(self, tokens, ttokens):
+    def _embed(self, tokens, tokens_tangent):
         # the Conv3d with stride = kernel is one GEMM over patch tokens, features (c, pt, ph, pw) as its weight
         w = self.patch_embedding.weight.flatten(1)
-        x, tx = T.stacked(lambda z: F.linear(z, w), tokens, ttokens, dim=0)
-        return x + self.patch_embedding.bias, tx
+        x, x_tangent = T.stacked(lambda z: F.linear(z, w), tokens, tokens_tangent, dim=0)
+        return x + self.patch_embedding.bias, x_tangent
 
-    def _conditioning(self, timestep, ttimestep, batch, grid, split, **kw):
-        temb, ttemb = self.time_embedding(timestep, ttimestep)
-        a, ta = T.silu(temb, ttemb)
-        t_proj, tt_proj = T.linear(self.time_projection, a, ta)
-        return _WanConditioning(temb, ttemb, t_proj.unflatten(1, (6, -1)),
-                                None if tt_proj is None else tt_proj.unflatten(1, (6, -1)))
+    def _conditioning(self, timestep, timestep_tangent, batch, grid, split, **kw):
+        temb, temb_tangent = self.time_embedding(timestep, timestep_tangent)
+        a, a_tangent = T.silu(temb, temb_tangent)
+        t_proj, t_proj_tangent = T.linear(self.time_projection, a, a_tangent)
+        return _WanConditioning(temb, temb_tangent, t_proj.unflatten(1, (6, -1)),
+                                None if t_proj_tangent is None else t_proj_tangent.unflatten(1, (6, -1)))
 
     def _context(self, text, dtype):
         return self.text_embedding(text).to(dtype).transpose(0, 1)  # [L, B, h]
@@ -210,19 +210,19 @@ class WanModel(DiTModel):
     def _rope_angles(self, grid, device=None, **kw):
         return rope_angles(grid, self.config.attention_head_dim, self.config.rope_theta, device=device)
 
-    def _head(self, x, tx, cond: _WanConditioning, split):
+    def _head(self, x, x_tangent, cond: _WanConditioning, split):
         e = self.head_modulation + cond.temb[:, None]  # [B, 2, h]
         shift, scale = e[:, 0][None], e[:, 1][None]
-        tshift = tscale = None
-        if cond.ttemb is not None:
-            tshift, tscale = cond.ttemb[None], cond.ttemb[None]
+        shift_tangent = scale_tangent = None
+        if cond.temb_tangent is not None:
+            shift_tangent, scale_tangent = cond.temb_tangent[None], cond.temb_tangent[None]
         # the head runs in high precision
-        n, tn = modulated_norm(x, tx, shift, tshift, scale, tscale, self.config.eps, self.high_dtype)
-        y, ty = T.linear(self.head, n.transpose(0, 1), None if tn is None else tn.transpose(0, 1))  # [B, S, o]
+        n, n_tangent = modulated_norm(x, x_tangent, shift, shift_tangent, scale, scale_tangent, self.config.eps, self.high_dtype)
+        y, y_tangent = T.linear(self.head, n.transpose(0, 1), None if n_tangent is None else n_tangent.transpose(0, 1))  # [B, S, o]
         # the head's features are ordered (pt, ph, pw, c); patch tokens (c, pt, ph, pw)
         to_tokens = lambda z: None if z is None else z.unflatten(-1, (-1, self.config.out_channels)).transpose(
             -1, -2).flatten(-2)
-        return to_tokens(y), to_tokens(ty)
+        return to_tokens(y), to_tokens(y_tangent)
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, latents, timestep, text):

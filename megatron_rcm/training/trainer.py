@@ -145,10 +145,10 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     for block in model.blocks:
         plain = block.forward
 
-        def forward(x, tx, *args, _plain=plain):
-            if torch.is_grad_enabled() and tx is None:
-                return checkpoint(_plain, x, tx, *args, use_reentrant=False)
-            return _plain(x, tx, *args)
+        def forward(x, x_tangent, *args, _plain=plain):
+            if torch.is_grad_enabled() and x_tangent is None:
+                return checkpoint(_plain, x, x_tangent, *args, use_reentrant=False)
+            return _plain(x, x_tangent, *args)
 
         block.forward = forward
 

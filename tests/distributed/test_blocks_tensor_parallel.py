@@ -10,11 +10,11 @@ pytestmark = pytest.mark.distributed
 
 def _run(out_file, tp):
     from megatron_rcm.checkpoint.sharding import gather_grads, load_full_state_dict
-    from megatron_rcm.models.blocks import Attention, AttentionConfig, parallel_config
+    from megatron_rcm.models.blocks import Attention, AttentionConfig, build_parallel_config
     from megatron_rcm.parallel import initialize_parallel, tp_rank
 
     initialize_parallel(tensor_model_parallel_size=tp)
-    cfg = parallel_config(torch.float64, sequence_parallel=tp > 1)
+    cfg = build_parallel_config(torch.float64, sequence_parallel=tp > 1)
     torch.manual_seed(0)
     blocks = torch.nn.ModuleDict({
         "self": Attention(AttentionConfig(16, 4, 4, qk_norm="per_head"), cfg),

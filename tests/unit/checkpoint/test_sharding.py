@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from megatron_rcm.checkpoint.sharding import check_state_dict, full_state_dict, gather_grads, load_full_state_dict
-from megatron_rcm.models.blocks import MLP, parallel_config
+from megatron_rcm.models.blocks import MLP, build_parallel_config
 from megatron_rcm.parallel import state
 
 
 def _model():
     state.ensure_parallel()
-    return torch.nn.ModuleDict({"mlp": MLP(4, 6, parallel_config(torch.float64, False)),
+    return torch.nn.ModuleDict({"mlp": MLP(4, 6, build_parallel_config(torch.float64, False)),
                                 "out": torch.nn.Linear(4, 2, dtype=torch.float64)})
 
 

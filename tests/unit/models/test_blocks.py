@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 
-from megatron_rcm.models.blocks import MLP, Attention, AttentionConfig, parallel_config, sinusoidal_embedding
+from megatron_rcm.models.blocks import MLP, Attention, AttentionConfig, build_parallel_config, sinusoidal_embedding
 from megatron_rcm.models.rope import rope_angles
 from megatron_rcm.parallel import state
 
@@ -89,7 +89,7 @@ def _check(block_call, formula, x, tx):
 def test_attention_is_its_formula(kind):
     state.ensure_parallel()
     x, tx, context, angles = _inputs()
-    cfg = parallel_config(F64, sequence_parallel=False)
+    cfg = build_parallel_config(F64, sequence_parallel=False)
     if kind == "self":
         block = _randomised(Attention(AttentionConfig(HIDDEN, HEADS, HEAD_DIM), cfg), seed=2)
         rope = (torch.cos(angles)[:, None, None], torch.sin(angles)[:, None, None])
@@ -103,7 +103,7 @@ def test_attention_is_its_formula(kind):
 def test_mlp_is_its_formula(activation):
     state.ensure_parallel()
     x, tx, _, _ = _inputs()
-    mlp = _randomised(MLP(HIDDEN, 24, parallel_config(F64, sequence_parallel=False), activation=activation), seed=4)
+    mlp = _randomised(MLP(HIDDEN, 24, build_parallel_config(F64, sequence_parallel=False), activation=activation), seed=4)
     approximate = "tanh" if activation == "gelu_tanh" else "none"
 
     def formula(a):

@@ -10,7 +10,7 @@ from wan_reference import diffusers_wan, inputs, megatron_state_dict, relative_e
 
 from megatron_rcm.checkpoint.sharding import load_full_state_dict
 from megatron_rcm.models import blocks
-from megatron_rcm.models.blocks import MLP, parallel_config
+from megatron_rcm.models.blocks import MLP, build_parallel_config
 from megatron_rcm.models.wan import PRESETS, WanModel
 from megatron_rcm.parallel import run_on_ranks, state
 
@@ -18,7 +18,7 @@ from megatron_rcm.parallel import run_on_ranks, state
 def _mlp(dtype=torch.float32, device="cpu", hidden=24, ffn=64):
     state.ensure_parallel()
     torch.manual_seed(0)
-    mlp = MLP(hidden, ffn, parallel_config(dtype, False)).to(device)
+    mlp = MLP(hidden, ffn, build_parallel_config(dtype, False)).to(device)
     with torch.no_grad():
         mlp.linear_fc1.bias.normal_()
         mlp.linear_fc2.bias.normal_()
@@ -67,7 +67,7 @@ def test_gelu_epilogue_only_without_grad_and_tangents(epilogue_calls):
     with torch.no_grad():
         mlp(x, torch.randn_like(x))  # a tangent: megatron's path
     assert not calls
-    cosmos_mlp = MLP(24, 64, parallel_config(torch.float32, False), bias=False, activation="gelu_erf")
+    cosmos_mlp = MLP(24, 64, build_parallel_config(torch.float32, False), bias=False, activation="gelu_erf")
     cosmos_mlp.gelu_epilogue = True
     with torch.no_grad():
         cosmos_mlp(x)  # exact GELU, no bias: no epilogue

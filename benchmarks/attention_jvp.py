@@ -107,8 +107,8 @@ def main(argv=None):
               f"{'' if ms is None else f'{flops / ms / 1e9:6.0f} TFLOP/s'}  "
               f"{'' if first is None else f'first call {first:.2f} s'} {note}", flush=True)
 
-    def cfg_name(cfg):
-        return ",".join(str(int(x)) for x in dataclasses.astuple(cfg))
+    def cfg_name(kernel_config):
+        return ",".join(str(int(x)) for x in dataclasses.astuple(kernel_config))
 
     def rel(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -138,14 +138,14 @@ def main(argv=None):
         print("accuracy at B1 H4 S2000 D128 bf16: error vs float64 (ratio to func.jvp math sdpa)")
         print("  func.jvp math sdpa: o {:.2e} to {:.2e} lse {:.2e} mu {:.2e}".format(*base_err))
         default = default_config(D, S, S, B * H)
-        for cfg in [default, dataclasses.replace(default, precise=False)] + sweep:
+        for kernel_config in [default, dataclasses.replace(default, precise=False)] + sweep:
             try:
-                got = flash_attention_jvp(q, k, v, tq, tk, tv, scale=scale, config=cfg)
+                got = flash_attention_jvp(q, k, v, tq, tk, tv, scale=scale, config=kernel_config)
             except Exception as exc:
-                print(f"  {cfg}: failed {type(exc).__name__}")
+                print(f"  {kernel_config}: failed {type(exc).__name__}")
                 continue
             err = [rel(g, r) for g, r in zip(got, ref)]
-            name = cfg_name(cfg)
+            name = cfg_name(kernel_config)
             accuracy.append(dict(config=name, errors=err, baseline_errors=base_err))
             print(f"  {name:24s} " + " ".join(f"{n} {e:.2e} ({e / b:.2f}x)"
                                                for n, e, b in zip(("o", "to", "lse", "mu"), err, base_err)))
@@ -161,10 +161,10 @@ def main(argv=None):
                                for _ in range(6))
 
         t_first, ours = first_call(lambda: flash_attention_jvp(q, k, v, tq, tk, tv))
-        cfg = default_config(D, S, S, B * H)
+        kernel_config = default_config(D, S, S, B * H)
         add(shape, "ours (default: precise)", bench(lambda: flash_attention_jvp(q, k, v, tq, tk, tv)), jvp_flops,
-            t_first, f"config {cfg_name(cfg)}")
-        fast = dataclasses.replace(cfg, precise=False)
+            t_first, f"config {cfg_name(kernel_config)}")
+        fast = dataclasses.replace(kernel_config, precise=False)
         t_fast, _ = first_call(lambda: flash_attention_jvp(q, k, v, tq, tk, tv, config=fast))
         add(shape, "ours fast (precise=False)", bench(lambda: flash_attention_jvp(q, k, v, tq, tk, tv, config=fast)),
             jvp_flops, t_fast, f"config {cfg_name(fast)}")
@@ -175,11 +175,11 @@ def main(argv=None):
         add(shape, "ours [S,B,H,D] views", bench(lambda: flash_attention_jvp(*sbhd)), jvp_flops, note=note)
         del sbhd, check
 
-        for cfg in sweep if i in sweep_idx else []:
-            name = f"ours cfg {cfg_name(cfg)}"
+        for kernel_config in sweep if i in sweep_idx else []:
+            name = f"ours cfg {cfg_name(kernel_config)}"
             try:
-                t_cfg, _ = first_call(lambda: flash_attention_jvp(q, k, v, tq, tk, tv, config=cfg))
-                add(shape, name, bench(lambda: flash_attention_jvp(q, k, v, tq, tk, tv, config=cfg)),
+                t_cfg, _ = first_call(lambda: flash_attention_jvp(q, k, v, tq, tk, tv, config=kernel_config))
+                add(shape, name, bench(lambda: flash_attention_jvp(q, k, v, tq, tk, tv, config=kernel_config)),
                     jvp_flops, t_cfg)
             except Exception as exc:  # out of shared memory / registers for this config
                 add(shape, name, None, jvp_flops, note=f"failed: {type(exc).__name__}: {str(exc)[:80]}")
@@ -226,8 +226,8 @@ def main(argv=None):
         if args.alternate:
             portable = dataclasses.replace(default_config(D, S, S, B * H), warp_specialized=False)
             for r in range(args.alternate):
-                for name, cfg in (("default", None), ("portable", portable)):
-                    ms = bench(lambda: flash_attention_jvp(q, k, v, tq, tk, tv, config=cfg))
+                for name, kernel_config in (("default", None), ("portable", portable)):
+                    ms = bench(lambda: flash_attention_jvp(q, k, v, tq, tk, tv, config=kernel_config))
                     add(shape, f"alternate {r + 1}: {name}", ms, jvp_flops, note=_card_state())
 
         if i == 0 and args.cross_sk:

@@ -57,20 +57,20 @@ def run_case(case: dict, name: str, iters: int, skip_jvp: bool, dev: torch.devic
     from megatron_rcm.checkpoint.sharding import load_full_state_dict
     from megatron_rcm.models.cosmos import PRESETS, CosmosModel
 
-    cfg = PRESETS[case["preset"]]
+    model_config = PRESETS[case["preset"]]
     torch.manual_seed(0)
     t0 = time.time()
     with torch.device(dev):
-        ref = CosmosTransformer3DModel(**{k: v for k, v in cfg.to_diffusers().items() if k != "_class_name"})
+        ref = CosmosTransformer3DModel(**{k: v for k, v in model_config.to_diffusers().items() if k != "_class_name"})
     ref = ref.to(torch.bfloat16).eval()
-    ours = CosmosModel(cfg, params_dtype=torch.bfloat16, perform_initialization=False).to(dev)
-    load_full_state_dict(ours, cosmos_keys.hf_to_mcore(ref.state_dict(), cfg.num_attention_heads))
+    ours = CosmosModel(model_config, params_dtype=torch.bfloat16, perform_initialization=False).to(dev)
+    load_full_state_dict(ours, cosmos_keys.hf_to_mcore(ref.state_dict(), model_config.num_attention_heads))
     ours.eval()
     build_s = time.time() - t0
 
     c, f, h, w = case["latent"]
     x = torch.randn(1, c, f, h, w, device=dev, dtype=torch.bfloat16)
-    text = torch.randn(1, 512, cfg.text_embed_dim, device=dev, dtype=torch.bfloat16)
+    text = torch.randn(1, 512, model_config.text_embed_dim, device=dev, dtype=torch.bfloat16)
     pad = torch.zeros(1, 1, h, w, device=dev, dtype=torch.bfloat16)
     ours_kw, ref_kw = {}, dict(padding_mask=pad)
     if name == "video":

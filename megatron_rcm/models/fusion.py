@@ -6,9 +6,13 @@ CUDA so that it reads and writes each activation once; on CPU (tests, float64 re
 function runs eagerly. Each region is written with the tangent rules, so one function serves the plain, the
 with-grad and the JVP pass. `RCM_FUSION=0` turns compilation off.
 
-`chain` joins two regions whose second consumes the first's `(x, x_tangent)` (a residual update and the norm after it)
-into one, so that the updated x is written once and never read back. `RCM_RESIDUAL_NORM_FUSION=0` runs such
+`chain` joins two regions whose second consumes the first's `(x, x_tangent)` (a residual update and the norm after
+it) into one, so that the updated x is written once and never read back. `RCM_RESIDUAL_NORM_FUSION=0` runs such
 pairs as their two separate regions again (for timing).
+
+The switches (`RCM_FUSION`, `RCM_RESIDUAL_NORM_FUSION`, `RCM_FUSION_TUNING`) are the training config's
+`kernels.fusion`, `kernels.residual_norm_fusion` and `kernels.fusion_tuning`; a variable set in the environment
+overrides its key.
 """
 
 import functools
@@ -27,8 +31,8 @@ def _inductor_options() -> dict:
 
     options = {"triton.mix_order_reduction": False} if hasattr(config.triton, "mix_order_reduction") else {}
     if switch("RCM_FUSION_TUNING", default=False):
-        # search block sizes / warps of each generated kernel at compile time: ~1.5 % faster Wan-1.3B forwards for
-        # a first call of ~50 s instead of ~8 s (benchmarks/RESULTS.md); off, as few-step generation pays for it
+        # search block sizes / warps of each generated kernel at compile time: slightly faster forwards for a much
+        # longer first call (benchmarks/RESULTS.md); off by default, as few-step generation pays for the first call
         options.update({"coordinate_descent_tuning": True, "max_autotune_pointwise": True})
     return options
 

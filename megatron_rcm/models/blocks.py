@@ -23,7 +23,7 @@ from megatron_rcm.parallel import state
 
 
 def build_parallel_config(params_dtype: torch.dtype, sequence_parallel: bool, perform_initialization: bool = True,
-                    use_cpu_initialization: bool | None = None) -> ModelParallelConfig:
+                          use_cpu_initialization: bool | None = None) -> ModelParallelConfig:
     """The megatron-core layer config for the current tensor-parallel group."""
     tp = state.tp_size()
     return ModelParallelConfig(
@@ -45,13 +45,15 @@ def _init_normal(std: float):
     return init
 
 
-def column(parallel_config: ModelParallelConfig, n_in: int, n_out: int, bias: bool = True) -> tensor_parallel.ColumnParallelLinear:
+def column(parallel_config: ModelParallelConfig, n_in: int, n_out: int,
+           bias: bool = True) -> tensor_parallel.ColumnParallelLinear:
     return tensor_parallel.ColumnParallelLinear(
         n_in, n_out, config=parallel_config, init_method=_init_normal(1.0 / math.sqrt(n_in)), bias=bias,
         gather_output=False, skip_bias_add=True)
 
 
-def row(parallel_config: ModelParallelConfig, n_in: int, n_out: int, bias: bool = True) -> tensor_parallel.RowParallelLinear:
+def row(parallel_config: ModelParallelConfig, n_in: int, n_out: int,
+        bias: bool = True) -> tensor_parallel.RowParallelLinear:
     layer = tensor_parallel.RowParallelLinear(
         n_in, n_out, config=parallel_config, init_method=_init_normal(1.0 / math.sqrt(n_in)), bias=bias,
         input_is_parallel=True, skip_bias_add=True)
@@ -189,8 +191,8 @@ class AttentionConfig:
 
 
 @fused
-def _qk_norm_rope_local(y, y_tangent, bias, weights, cos, sin, per_head: bool, half_rope: bool, eps: float, full_dim: int,
-                        heads: int, n_parts: int, head_dim: int, dtype: torch.dtype):
+def _qk_norm_rope_local(y, y_tangent, bias, weights, cos, sin, per_head: bool, half_rope: bool, eps: float,
+                        full_dim: int, heads: int, n_parts: int, head_dim: int, dtype: torch.dtype):
     stats = _qk_norm_stats.__wrapped__(y, y_tangent, bias, heads, n_parts, head_dim, len(weights), per_head)
     return _qk_norm_rope.__wrapped__(y, y_tangent, bias, stats, weights, cos, sin, half_rope, eps, full_dim, heads,
                                      n_parts, head_dim, dtype)
@@ -219,8 +221,8 @@ class Attention(torch.nn.Module):
         if self.is_cross:
             self.linear_q = column(parallel_config, attn.hidden_size, inner, attn.bias)
             # text tokens are not split by sequence parallelism: no gather on the key/value projection
-            kv_cfg = dataclasses.replace(parallel_config, sequence_parallel=False)
-            self.linear_kv = column(kv_cfg, attn.context_dim, 2 * inner, attn.bias)
+            kv_parallel_config = dataclasses.replace(parallel_config, sequence_parallel=False)
+            self.linear_kv = column(kv_parallel_config, attn.context_dim, 2 * inner, attn.bias)
         else:
             self.linear_qkv = column(parallel_config, attn.hidden_size, 3 * inner, attn.bias)
         if attn.qk_norm == "across_heads":
@@ -288,7 +290,8 @@ class Attention(torch.nn.Module):
             ((q, q_tangent),) = self._project(self.linear_q, x, x_tangent, 1, (qn,), None)
             (k, k_tangent), (v, v_tangent) = self._project(self.linear_kv, context, None, 2, (kn,), None)
         else:
-            (q, q_tangent), (k, k_tangent), (v, v_tangent) = self._project(self.linear_qkv, x, x_tangent, 3, (qn, kn), rope)
+            (q, q_tangent), (k, k_tangent), (v, v_tangent) = self._project(self.linear_qkv, x, x_tangent, 3, (qn, kn),
+                                                                           rope)
         if cp is not None and not self.is_cross:
             o, o_tangent = _attend_context_parallel(q, q_tangent, k, k_tangent, v, v_tangent, cp)
         else:
@@ -360,7 +363,8 @@ def _bias_gelu(h, h_tangent, bias, exact: bool):
 
 
 @fused
-def modulated_norm(x, x_tangent, shift, shift_tangent, scale, scale_tangent, eps: float, dtype: torch.dtype | None = None):
+def modulated_norm(x, x_tangent, shift, shift_tangent, scale, scale_tangent, eps: float,
+                   dtype: torch.dtype | None = None):
     """LayerNorm (no affine, high precision) -> x (1 + scale) + shift -> `dtype` (default: x's dtype)."""
     n, n_tangent = T.layer_norm(x, x_tangent, eps)
     return T.cast(*T.modulate(n, n_tangent, shift, shift_tangent, scale, scale_tangent), dtype or x.dtype)

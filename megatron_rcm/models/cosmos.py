@@ -200,8 +200,8 @@ class TimeEmbedding(torch.nn.Module):
         p, p_tangent = T.cast(*sinusoidal_embedding(t, t_tangent, self.hidden_size), self.linear_1.weight.dtype)
         h, h_tangent = T.silu(*T.linear(self.linear_1, p, p_tangent))
         temb, temb_tangent = T.linear(self.linear_2, h, h_tangent)
-        emb, temb_ = T.rms_norm(p, p_tangent, self.norm, self.eps, self.hidden_size)
-        return (temb, temb_tangent), (emb, temb_)
+        emb, emb_tangent = T.rms_norm(p, p_tangent, self.norm, self.eps, self.hidden_size)
+        return (temb, temb_tangent), (emb, emb_tangent)
 
 
 class LearnablePositionEmbedding(torch.nn.Module):
@@ -234,7 +234,8 @@ class CosmosBlock(torch.nn.Module):
                                                         rope_style="half"), parallel_config)
         self.adaln_cross_attention = AdaLNLoRA(h, r, 3, high_dtype)
         self.cross_attention = Attention(AttentionConfig(h, heads, d, config.qk_norm_eps, "per_head",
-                                                         context_dim=config.text_embed_dim, bias=False), parallel_config)
+                                                         context_dim=config.text_embed_dim, bias=False),
+                                         parallel_config)
         self.adaln_mlp = AdaLNLoRA(h, r, 3, high_dtype)
         self.mlp = MLP(h, config.ffn_dim, parallel_config, bias=False, activation="gelu_erf")
 
@@ -243,9 +244,10 @@ class CosmosBlock(torch.nn.Module):
         with the next branch's norm. `cp`: the context-parallel token split (None without CP)."""
         if cond.pos is not None:
             x = x + cond.pos.to(x.dtype)
-        branches = ((self.adaln_self_attention, lambda n, n_tangent: self.self_attention(n, n_tangent, rope=rope, cp=cp)),
-                    (self.adaln_cross_attention, lambda n, n_tangent: self.cross_attention(n, n_tangent, context=context)),
-                    (self.adaln_mlp, self.mlp))
+        branches = (
+            (self.adaln_self_attention, lambda n, n_tangent: self.self_attention(n, n_tangent, rope=rope, cp=cp)),
+            (self.adaln_cross_attention, lambda n, n_tangent: self.cross_attention(n, n_tangent, context=context)),
+            (self.adaln_mlp, self.mlp))
         x, x_tangent = cond.view(x), cond.view(x_tangent)
         (shift, shift_tangent), (scale, scale_tangent), gate = cond.modulation(branches[0][0])
         n, n_tangent = modulated_norm(x, x_tangent, shift, shift_tangent, scale, scale_tangent, self.eps)
@@ -256,7 +258,8 @@ class CosmosBlock(torch.nn.Module):
                 x, x_tangent = gated_residual(x, x_tangent, *update)
             else:
                 (shift, shift_tangent), (scale, scale_tangent), gate = cond.modulation(branches[i + 1][0])
-                x, x_tangent, n, n_tangent = gated_residual_modulated_norm(x, x_tangent, update, (shift, shift_tangent, scale, scale_tangent, self.eps))
+                x, x_tangent, n, n_tangent = gated_residual_modulated_norm(
+                    x, x_tangent, update, (shift, shift_tangent, scale, scale_tangent, self.eps))
         return cond.unview(x), cond.unview(x_tangent)
 
 
@@ -414,7 +417,8 @@ class CosmosModel(DiTModel):
     def _context(self, text, dtype):
         return text.to(dtype).transpose(0, 1)  # [L, B, text_embed_dim]
 
-    def _token_conditioning(self, act, act_tangent, temb, temb_tangent, b, grid, per_frame: bool, token_range) -> _Conditioning:
+    def _token_conditioning(self, act, act_tangent, temb, temb_tangent, b, grid, per_frame: bool,
+                            token_range) -> _Conditioning:
         """How per-sample or per-frame conditioning lands on the tokens [start, start + n) of the padded
         sequence (this rank's residual stream or CP chunk)."""
         cond = _Conditioning(act, act_tangent, temb, temb_tangent, b, self.parallel_config)
@@ -429,15 +433,17 @@ class CosmosModel(DiTModel):
         return dataclasses.replace(cond, frame_of_token=frame)
 
     def _conditioning(self, timestep, timestep_tangent, batch, grid, split, fps=None, **kw):
-        (temb, temb_tangent), (emb, temb_) = self.time_embedding(timestep.flatten(),
-                                                          None if timestep_tangent is None else timestep_tangent.flatten())
-        act, act_tangent = T.silu(emb, temb_)
+        (temb, temb_tangent), (emb, emb_tangent) = self.time_embedding(
+            timestep.flatten(), None if timestep_tangent is None else timestep_tangent.flatten())
+        act, act_tangent = T.silu(emb, emb_tangent)
         per_frame = timestep.dim() == 2
-        cond = self._token_conditioning(act, act_tangent, temb, temb_tangent, batch, grid, per_frame, self._sp_range(split, True))
+        cond = self._token_conditioning(act, act_tangent, temb, temb_tangent, batch, grid, per_frame,
+                                        self._sp_range(split, True))
         if self.config.extra_pos_embed_type == "learnable":
             cond = dataclasses.replace(cond, pos=self.split_tokens(self.extra_pos_embedding(grid), split))
         # the head's tokens: the whole CP chunk
-        head = self._token_conditioning(act, act_tangent, temb, temb_tangent, batch, grid, per_frame, self._sp_range(split, False))
+        head = self._token_conditioning(act, act_tangent, temb, temb_tangent, batch, grid, per_frame,
+                                        self._sp_range(split, False))
         return dataclasses.replace(cond, head=head)
 
     def _head(self, x, x_tangent, cond: _Conditioning, split):
@@ -448,10 +454,11 @@ class CosmosModel(DiTModel):
         shift, scale = e.chunk(2, dim=-1)
         shift_tangent, scale_tangent = e_tangent.chunk(2, dim=-1) if e_tangent is not None else (None, None)
         # the head runs in high precision
-        n, n_tangent = modulated_norm(head_cond.view(x), head_cond.view(x_tangent), shift, shift_tangent, scale, scale_tangent, self.config.eps,
-                               self.high_dtype)
+        n, n_tangent = modulated_norm(head_cond.view(x), head_cond.view(x_tangent), shift, shift_tangent, scale,
+                                      scale_tangent, self.config.eps, self.high_dtype)
         n, n_tangent = head_cond.unview(n), head_cond.unview(n_tangent)
-        y, y_tangent = T.linear(self.head, n.transpose(0, 1), None if n_tangent is None else n_tangent.transpose(0, 1))  # [B, S, o]
+        y, y_tangent = T.linear(self.head, n.transpose(0, 1),
+                                None if n_tangent is None else n_tangent.transpose(0, 1))  # [B, S, o]
         # diffusers orders the head's features (ph, pw, pt, c); patch tokens are (c, pt, ph, pw)
         _, ph, pw = self.config.patch_size
         to_tokens = lambda z: None if z is None else z.unflatten(-1, (ph, pw, -1, self.config.out_channels)).permute(

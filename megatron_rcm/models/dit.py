@@ -322,7 +322,8 @@ class DiTModel(torch.nn.Module):
         if extra is not None:
             extra = split.local(patchify(extra.to(dtype), self.config.patch_size), dim=1)
             tokens = torch.cat([tokens, extra], dim=-1)
-            tokens_tangent = None if tokens_tangent is None else torch.cat([tokens_tangent, torch.zeros_like(extra)], dim=-1)
+            if tokens_tangent is not None:
+                tokens_tangent = torch.cat([tokens_tangent, torch.zeros_like(extra)], dim=-1)
         x, x_tangent = self._embed(tokens, tokens_tangent)
         to_seq = lambda z: None if z is None else z.transpose(0, 1).contiguous()  # [S_local, B, h]
         x, x_tangent = to_seq(x), to_seq(x_tangent)
@@ -340,7 +341,8 @@ class DiTModel(torch.nn.Module):
                 x_tangent, tensor_parallel_output_grad=False)
         return self._head(x, x_tangent, cond, split)
 
-    def _stage_run(self, tokens, tokens_tangent, x, x_tangent, timestep, timestep_tangent, text, full, split: TokenSplit, **kw):
+    def _stage_run(self, tokens, tokens_tangent, x, x_tangent, timestep, timestep_tangent, text, full,
+                   split: TokenSplit, **kw):
         """This pipeline stage of a pass: patch tokens (first stage) or the previous stage's residual stream
         (`x`, `x_tangent`) -> the residual stream after this stage's blocks, or the head output on the last stage.
         `full` is the full latent shape [B, C, T, H, W]."""
@@ -361,14 +363,15 @@ class DiTModel(torch.nn.Module):
         """Patch tokens of this CP rank [B, S_local, C*p] -> head output [B, S_local, C_out*p] (and tangents),
         on every pipeline stage (the stages run as a chain, the last one's output broadcast)."""
         if self.stage.size == 1:
-            return self._stage_run(tokens, tokens_tangent, None, None, timestep, timestep_tangent, text, full, split, **kw)
+            return self._stage_run(tokens, tokens_tangent, None, None, timestep, timestep_tangent, text, full, split,
+                                   **kw)
         tangent = timestep_tangent is not None
         x = x_tangent = None
         if not self.stage.is_first:
             x = pipeline.receive_activation()
             x, x_tangent = unpack_stage_tensor(x, tangent)
-        out = pack_stage_tensor(*self._stage_run(tokens, tokens_tangent, x, x_tangent, timestep, timestep_tangent, text, full, split,
-                                                 **kw))
+        out = pack_stage_tensor(*self._stage_run(tokens, tokens_tangent, x, x_tangent, timestep, timestep_tangent,
+                                                 text, full, split, **kw))
         if self.stage.is_last:
             pipeline.broadcast_from_last(out)
         else:
@@ -386,7 +389,8 @@ class DiTModel(torch.nn.Module):
         dtype = self.parallel_config.params_dtype
         tokens = split.local(patchify(latents.to(dtype), p), dim=1)
         tokens_tangent = None if latents_tangent is None else split.local(patchify(latents_tangent.to(dtype), p), dim=1)
-        y, y_tangent = self._tokens_run(tokens, tokens_tangent, timestep, timestep_tangent, text, tuple(latents.shape), split, **kw)
+        y, y_tangent = self._tokens_run(tokens, tokens_tangent, timestep, timestep_tangent, text, tuple(latents.shape),
+                                        split, **kw)
         if y_tangent is not None and split.size > 1:
             # the output and its tangent in one gather
             both = split.gather(torch.cat([y, y_tangent], dim=0), dim=1)
@@ -405,7 +409,8 @@ class DiTModel(torch.nn.Module):
         if tokens.dim() != 3 or tokens.shape[:2] != (layout.shape[0], split.chunk):
             raise ValueError(f"tokens must be this rank's [B={layout.shape[0]}, {split.chunk}, C*p] "
                              f"(TokenLayout.shard), got {tuple(tokens.shape)}")
-        y, y_tangent = _zero_padding(*self._tokens_run(tokens, tokens_tangent, timestep, timestep_tangent, text, full, split, **kw), split)
+        y, y_tangent = _zero_padding(
+            *self._tokens_run(tokens, tokens_tangent, timestep, timestep_tangent, text, full, split, **kw), split)
         return y.to(tokens.dtype), (None if y_tangent is None else y_tangent.to(tokens.dtype))
 
     # ---------------------------------------------------------------------------------------------- sharded API
@@ -462,7 +467,8 @@ class DiTModel(torch.nn.Module):
             elif tokens.dim() != 3 or tokens.shape[:2] != (full[0], layout.split.chunk):
                 raise ValueError(f"tokens must be this rank's [B={full[0]}, {layout.split.chunk}, C*p] "
                                  f"(TokenLayout.shard), got {tuple(tokens.shape)}")
-            out = self._stage_run(tokens, tokens_tangent, x, x_tangent, timestep, timestep_tangent, text, full, layout.split, **kw)
+            out = self._stage_run(tokens, tokens_tangent, x, x_tangent, timestep, timestep_tangent, text, full,
+                                  layout.split, **kw)
             if not st.is_last:
                 return pack_stage_tensor(*out)
             y, y_tangent = _zero_padding(*out, layout.split)

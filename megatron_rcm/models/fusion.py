@@ -63,9 +63,9 @@ def fused(fn):
 
 
 def chain(first, second, name: str = "RCM_RESIDUAL_NORM_FUSION"):
-    """One fused region computing `x, x_tangent = first(x, x_tangent, *first_args)` and then `second(x, x_tangent, *second_args)`;
-    returns `(x, x_tangent, *second's outputs)`. `first` and `second` are `fused` regions; with the switch `name` off
-    they run as such, one after the other."""
+    """One fused region computing `x, x_tangent = first(x, x_tangent, *first_args)` and then
+    `second(x, x_tangent, *second_args)`; returns `(x, x_tangent, *second's outputs)`. `first` and `second` are
+    `fused` regions; with the switch `name` off they run as such, one after the other."""
 
     def both(x, x_tangent, first_args, second_args):
         x, x_tangent = first.__wrapped__(x, x_tangent, *first_args)

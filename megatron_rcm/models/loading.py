@@ -35,8 +35,9 @@ class Architecture:
 
 
 def _wan_config_from_original(original: dict):
-    return WanConfig(num_attention_heads=original["num_heads"], attention_head_dim=original["dim"] // original["num_heads"],
-                     ffn_dim=original["ffn_dim"], num_layers=original["num_layers"], in_channels=original.get("in_dim", 16),
+    return WanConfig(num_attention_heads=original["num_heads"],
+                     attention_head_dim=original["dim"] // original["num_heads"], ffn_dim=original["ffn_dim"],
+                     num_layers=original["num_layers"], in_channels=original.get("in_dim", 16),
                      out_channels=original.get("out_dim", 16), freq_dim=original.get("freq_dim", 256),
                      text_dim=original.get("text_dim", 4096), eps=original.get("eps", 1e-6))
 

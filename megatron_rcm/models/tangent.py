@@ -1,7 +1,8 @@
 """Forward-mode (JVP) rules for the DiT's pieces.
 
-Every function takes a primal `x` and a tangent `x_tangent` (or None for a plain pass) and returns `(y, y_tangent)` with
-`y_tangent = None` when `x_tangent` is None, so each layer has one code path for the plain, the with-grad and the JVP pass.
+Every function takes a primal `x` and a tangent `x_tangent` (or None for a plain pass) and returns
+`(y, y_tangent)` with `y_tangent = None` when `x_tangent` is None, so each layer has one code path for the plain,
+the with-grad and the JVP pass.
 Linear pieces run the primal and the tangent through one GEMM / one collective by stacking them along the batch
 dimension (biases go to the primal half only); nonlinear pieces have explicit derivative rules. Statistics
 (norms) are computed in at least float32, float64 when the inputs are float64.
@@ -136,8 +137,8 @@ def layer_norm(x, x_tangent, eps: float, weight=None, bias=None):
         return y, None
     xc = xf - xf.mean(-1, keepdim=True)
     r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
-    txf = x_tangent.to(ct)
-    dxc = txf - txf.mean(-1, keepdim=True)
+    xf_tangent = x_tangent.to(ct)
+    dxc = xf_tangent - xf_tangent.mean(-1, keepdim=True)
     n = xc * r
     dn = r * dxc - n * (r * r) * (xc * dxc).mean(-1, keepdim=True)
     return y, (dn if w is None else dn * w)

@@ -78,8 +78,10 @@ class WanConfig:
                        if diffusers_config.get(k) is not None}
         if unsupported:
             raise ValueError(f"image-conditioned Wan models are not supported (config has {unsupported})")
-        if not diffusers_config.get("cross_attn_norm", True) or diffusers_config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
-            raise ValueError("only Wan2.1 text-to-video configs (cross_attn_norm=True, qk_norm across heads) are supported")
+        qk_norm = diffusers_config.get("qk_norm", "rms_norm_across_heads")
+        if not diffusers_config.get("cross_attn_norm", True) or qk_norm != "rms_norm_across_heads":
+            raise ValueError("only Wan2.1 text-to-video configs (cross_attn_norm=True, qk_norm across heads) are "
+                             "supported")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in diffusers_config.items() if k in names}
         if "patch_size" in kw:
@@ -129,9 +131,11 @@ class WanBlock(torch.nn.Module):
         # each residual update is fused with the norm that reads its result
         w = replicate_for_sequence_parallel(self.cross_attention_norm.weight, self.parallel_config)
         b = replicate_for_sequence_parallel(self.cross_attention_norm.bias, self.parallel_config)
-        x, x_tangent, n, n_tangent = gated_residual_affine_norm(x, x_tangent, (a, a_tangent, bias, gate, gate_tangent), (w, b, self.eps))
+        x, x_tangent, n, n_tangent = gated_residual_affine_norm(x, x_tangent, (a, a_tangent, bias, gate, gate_tangent),
+                                                                (w, b, self.eps))
         a, a_tangent, bias = self.cross_attention(n, n_tangent, context=context, add_bias=False)
-        x, x_tangent, n, n_tangent = residual_modulated_norm(x, x_tangent, (a, a_tangent, bias), (c_shift, c_shift_tangent, c_scale, c_scale_tangent, self.eps))
+        x, x_tangent, n, n_tangent = residual_modulated_norm(
+            x, x_tangent, (a, a_tangent, bias), (c_shift, c_shift_tangent, c_scale, c_scale_tangent, self.eps))
         f, f_tangent, bias = self.mlp(n, n_tangent, add_bias=False)
         return gated_residual(x, x_tangent, f, f_tangent, bias, c_gate, c_gate_tangent)
 
@@ -217,8 +221,10 @@ class WanModel(DiTModel):
         if cond.temb_tangent is not None:
             shift_tangent, scale_tangent = cond.temb_tangent[None], cond.temb_tangent[None]
         # the head runs in high precision
-        n, n_tangent = modulated_norm(x, x_tangent, shift, shift_tangent, scale, scale_tangent, self.config.eps, self.high_dtype)
-        y, y_tangent = T.linear(self.head, n.transpose(0, 1), None if n_tangent is None else n_tangent.transpose(0, 1))  # [B, S, o]
+        n, n_tangent = modulated_norm(x, x_tangent, shift, shift_tangent, scale, scale_tangent, self.config.eps,
+                                      self.high_dtype)
+        y, y_tangent = T.linear(self.head, n.transpose(0, 1),
+                                None if n_tangent is None else n_tangent.transpose(0, 1))  # [B, S, o]
         # the head's features are ordered (pt, ph, pw, c); patch tokens (c, pt, ph, pw)
         to_tokens = lambda z: None if z is None else z.unflatten(-1, (-1, self.config.out_channels)).transpose(
             -1, -2).flatten(-2)

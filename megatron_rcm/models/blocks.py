@@ -58,8 +58,8 @@ def row(parallel_config: ModelParallelConfig, n_in: int, n_out: int,
         n_in, n_out, config=parallel_config, init_method=_init_normal(1.0 / math.sqrt(n_in)), bias=bias,
         input_is_parallel=True, skip_bias_add=True)
     if bias:
-        # The bias is added to sequence-parallel tokens by `tangent.parallel_linear`, which makes its gradient
-        # complete in-graph (replicate_for_sequence_parallel); megatron's separate reduction must not run too.
+        # The bias is added to sequence-parallel tokens after `tangent.parallel_linear_nobias`, which makes its
+        # gradient complete in-graph (replicate_for_sequence_parallel); megatron's separate reduction must not run too.
         layer.bias.sequence_parallel = False
         layer.bias_needs_sequence_parallel_replication = parallel_config.sequence_parallel
     return layer

@@ -268,7 +268,8 @@ class Attention(torch.nn.Module):
     def _qkv_kernel(self, y, y_tangent, n_parts: int, n_norm: int, cos, per_head: bool, half_rope: bool) -> bool:
         """Whether the plain attention input (no tangent, no autograd, TP=1, Wan's norm across heads, interleaved
         RoPE or none) runs as one Triton kernel (`rcm_kernels.qkv_norm_rope`): q/k/v of self-attention, q of
-        cross-attention. `RCM_QKV_KERNEL=0` (config key `kernels.qkv_kernel`) turns it off."""
+        cross-attention. The training config's `kernels.qkv_kernel` sets it (default on); the environment variable
+        `RCM_QKV_KERNEL`, when set, overrides the config (`RCM_QKV_KERNEL=0`: off)."""
         if (y_tangent is not None or torch.is_grad_enabled() or (n_parts, n_norm) not in ((3, 2), (1, 1)) or per_head
                 or half_rope or self.parallel_config.tensor_model_parallel_size != 1 or not y.is_cuda):
             return False
@@ -307,8 +308,9 @@ class MLP(torch.nn.Module):
 
     gelu_epilogue: bool | None = None
     """fc1 + bias + GELU-tanh as one GEMM with a GELU epilogue (`linear_gelu_tanh`) where that is valid (see
-    `_gelu_epilogue`): None = on CUDA unless `RCM_GELU_EPILOGUE=0` (config key `kernels.gelu_epilogue`); True /
-    False force it on or off (tests)."""
+    `_gelu_epilogue`): None = on CUDA as the training config's `kernels.gelu_epilogue` sets it (default on), the
+    environment variable `RCM_GELU_EPILOGUE`, when set, overriding the config; True / False force it on or off
+    (tests)."""
 
     def __init__(self, hidden_size: int, ffn_size: int, parallel_config: ModelParallelConfig, bias: bool = True,
                  activation: str = "gelu_tanh"):

@@ -89,10 +89,6 @@ class TokenLayout:
         return tuple(s // p for s, p in zip(self.shape[2:], self.patch))
 
     @property
-    def local_tokens(self) -> int:
-        return self.split.chunk
-
-    @property
     def real_tokens(self) -> int:
         """Real tokens of this rank (the sum over the CP group is the sample's token count)."""
         return self.split.valid

@@ -67,12 +67,6 @@ def parallel_linear_nobias(layer, x, x_tangent, batch_dim: int = 1):
     return y, y_tangent, (None if bias is None else _sp_bias(layer, bias))
 
 
-def parallel_linear(layer, x, x_tangent, batch_dim: int = 1):
-    """megatron-core Column/RowParallelLinear built with `skip_bias_add=True`: bias on the primal only."""
-    y, y_tangent, bias = parallel_linear_nobias(layer, x, x_tangent, batch_dim)
-    return (y if bias is None else y + bias), y_tangent
-
-
 def _sp_bias(layer, bias):
     # a row-parallel bias lands on sequence-parallel tokens: identity forward, all-reduce backward
     if getattr(layer, "bias_needs_sequence_parallel_replication", False) and bias.requires_grad:

@@ -10,6 +10,15 @@ def axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - h - w, h, w
 
 
+def _grid_angles(parts: list[torch.Tensor], grid: tuple[int, int, int]) -> torch.Tensor:
+    """Per-axis angles [size, dim/2] (frame, height, width) -> [F*H*W, head_dim/2], tokens in row-major (f, h, w)."""
+    f, h, w = grid
+    af = parts[0][:, None, None, :].expand(f, h, w, -1)
+    ah = parts[1][None, :, None, :].expand(f, h, w, -1)
+    aw = parts[2][None, None, :, :].expand(f, h, w, -1)
+    return torch.cat([af, ah, aw], dim=-1).reshape(f * h * w, -1)
+
+
 def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0,
                 axis_scale: tuple[float, float, float] = (1.0, 1.0, 1.0), device=None) -> torch.Tensor:
     """Angles [F*H*W, head_dim/2] in float64 for tokens in row-major (f, h, w) order.
@@ -21,11 +30,7 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
     for size, dim, scale in zip(grid, axis_dims(head_dim), axis_scale):
         freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)) / scale
         parts.append(torch.outer(torch.arange(size, dtype=torch.float64, device=device), freqs))
-    f, h, w = grid
-    af = parts[0][:, None, None, :].expand(f, h, w, -1)
-    ah = parts[1][None, :, None, :].expand(f, h, w, -1)
-    aw = parts[2][None, None, :, :].expand(f, h, w, -1)
-    return torch.cat([af, ah, aw], dim=-1).reshape(f * h * w, -1)
+    return _grid_angles(parts, grid)
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -51,11 +56,7 @@ def rope_angles_ntk(grid, head_dim: int, rope_scale, fps: float | None = None, b
         if axis == 0 and fps is not None:
             pos = pos / fps * base_fps
         parts.append(torch.outer(pos, freqs))
-    f, h, w = grid
-    af = parts[0][:, None, None, :].expand(f, h, w, -1)
-    ah = parts[1][None, :, None, :].expand(f, h, w, -1)
-    aw = parts[2][None, None, :, :].expand(f, h, w, -1)
-    return torch.cat([af, ah, aw], dim=-1).reshape(f * h * w, -1)
+    return _grid_angles(parts, grid)
 
 
 def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from cosmos_reference import diffusers_cosmos
 from cosmos_reference import inputs as cosmos_inputs
 from cosmos_reference import megatron_state_dict as cosmos_state_dict
-from wan_reference import diffusers_wan, inputs, megatron_state_dict
+from wan_reference import corrupted_copy as _corrupt, diffusers_wan, hf_dir, inputs, megatron_state_dict  # noqa: F401
 
 from megatron_rcm.checkpoint import cosmos as cosmos_keys
 from megatron_rcm.checkpoint.sharding import load_full_state_dict
@@ -35,25 +35,6 @@ def cosmos_pair():
     ours = CosmosModel(COSMOS_PRESETS["cosmos-tiny"])
     load_full_state_dict(ours, cosmos_state_dict(ref))
     return ref, ours
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("wan") / "hf"
-    diffusers_wan().save_pretrained(path)
-    return path
-
-
-def _corrupt(hf_dir, tmp_path, edit):
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path / "bad"
-    out.mkdir()
-    (out / "config.json").write_text((hf_dir / "config.json").read_text())
-    sd = load_file(hf_dir / "diffusion_pytorch_model.safetensors")
-    edit(sd)
-    save_file(sd, out / "diffusion_pytorch_model.safetensors")
-    return out
 
 
 def test_not_a_checkpoint(tmp_path):

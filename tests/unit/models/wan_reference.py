@@ -1,5 +1,6 @@
 """Shared helpers for Wan tests: a seeded diffusers reference model and its megatron-rcm twin."""
 
+import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
@@ -33,3 +34,24 @@ def inputs(batch=2, frames=3, height=6, width=8, seed=1, dtype=torch.float32, te
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A diffusers folder of the tiny Wan reference model (a fixture: import it into a test module)."""
+    path = tmp_path_factory.mktemp("wan") / "hf"
+    diffusers_wan().save_pretrained(path)
+    return path
+
+
+def corrupted_copy(hf_dir, tmp_path, edit):
+    """A copy of the diffusers folder `hf_dir` whose state dict `edit` changed in place."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "bad"
+    out.mkdir()
+    (out / "config.json").write_text((hf_dir / "config.json").read_text())
+    sd = load_file(hf_dir / "diffusion_pytorch_model.safetensors")
+    edit(sd)
+    save_file(sd, out / "diffusion_pytorch_model.safetensors")
+    return out

@@ -12,7 +12,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.join(ROOT, "tests", "unit", "models"))
-from wan_reference import diffusers_wan  # noqa: E402
+from wan_reference import corrupted_copy as _corrupt, diffusers_wan, hf_dir  # noqa: E402,F401
 
 
 CONVERT = runpy.run_path(os.path.join(ROOT, "tools", "convert_checkpoint.py"))["main"]
@@ -24,25 +24,6 @@ def convert(*args) -> types.SimpleNamespace:
     with contextlib.redirect_stderr(err):
         code = CONVERT(list(args))
     return types.SimpleNamespace(returncode=code, stderr=err.getvalue())
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("wan") / "hf"
-    diffusers_wan().save_pretrained(path)
-    return path
-
-
-def _corrupt(hf_dir, tmp_path, edit):
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path / "bad"
-    out.mkdir()
-    (out / "config.json").write_text((hf_dir / "config.json").read_text())
-    sd = load_file(hf_dir / "diffusion_pytorch_model.safetensors")
-    edit(sd)
-    save_file(sd, out / "diffusion_pytorch_model.safetensors")
-    return out
 
 
 def test_failed_conversion_leaves_no_output(hf_dir, tmp_path):

@@ -155,11 +155,20 @@ class TrigFlowWrapper:
         x0 = x_s - (sn * c_in) * v
         return TrigFlowPrediction(F, x0)
 
+    def network_inputs(self, x_t: torch.Tensor, t: torch.Tensor):
+        """What the network is called with at (x_t, t) — latents in its dtype and the timestep — and the maps
+        `prediction` needs; for a caller that runs the network itself (a pipeline schedule)."""
+        c, sn, c_in, x_s, timestep = self._maps(x_t, t)
+        return x_s.to(self.dtype), timestep.to(self.timestep_dtype), (c, sn, c_in, x_s)
+
+    def prediction(self, v: torch.Tensor, maps) -> TrigFlowPrediction:
+        """F and x0 from the network's velocity `v` at the inputs `network_inputs` gave `maps` for."""
+        return self._prediction(v, *maps)
+
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, text: Optional[torch.Tensor] = None) -> TrigFlowPrediction:
         """F and x0 at (x_t, t); differentiable w.r.t. the network's parameters when grad is enabled."""
-        c, sn, c_in, x_s, timestep = self._maps(x_t, t)
-        v = self.net(x_s.to(self.dtype), timestep.to(self.timestep_dtype), text)
-        return self._prediction(v, c, sn, c_in, x_s)
+        latents, timestep, maps = self.network_inputs(x_t, t)
+        return self.prediction(self.net(latents, timestep, text), maps)
 
     @torch.no_grad()
     def jvp(

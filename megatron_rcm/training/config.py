@@ -73,6 +73,10 @@ class ParallelConfig:
     pipeline_layers: tuple[int, ...] = ()
     """Blocks per pipeline stage, first stage first (e.g. `[2, 1]`; must sum to the model's blocks); empty:
     balanced (the first stages take one more block where the pipeline size does not divide the count)."""
+    pp_schedule: str = "auto"
+    """What drives the micro-batches through the stages: `megatron` (megatron-core's `get_forward_backward_func`,
+    1F1B; CUDA + NCCL), `gloo` (the same order of work over gloo P2P: the CPU path), `auto` (megatron on CUDA with
+    NCCL, else gloo)."""
     backend: str = "auto"
     """`auto` (NCCL with CUDA, else gloo), `nccl` or `gloo`."""
     grad_sync: str = "auto"
@@ -396,6 +400,9 @@ def check_ranges(config: TrainingConfig) -> None:
         raise ConfigError(f"logging.teacher_shift must be > 0, got {config.logging.teacher_shift!r}")
     if not config.logging.eval_student_steps:
         raise ConfigError("logging.eval_student_steps must name at least one step count, got []")
+    if config.parallel.pp_schedule not in ("auto", "megatron", "gloo"):
+        raise ConfigError(f"parallel.pp_schedule must be auto, megatron or gloo, got "
+                          f"{config.parallel.pp_schedule!r}")
 
 
 def _merge(base: dict, new: dict, where: str, prefix: str = "") -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from typing import Callable, Optional
@@ -35,6 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_rcm import diffusion as D
+from megatron_rcm.training import schedules
 
 
 def _forward_tokens(net) -> Callable:
@@ -65,9 +67,17 @@ class TokenNetwork:
         return dataclasses.replace(self.layout, shape=(tokens.shape[0], *self.layout.shape[1:]))
 
     def __call__(self, tokens, timestep, text):
+        coroutine = schedules.current_coroutine()
+        if coroutine is not None:  # a micro-batch of a pipelined round: the schedule runs the call
+            return coroutine.post(schedules.StageCall(self.module, tokens, timestep, text, self._layout(tokens)))
         return self._forward(tokens, timestep, text, self._layout(tokens))
 
     def jvp(self, tokens, timestep, text, tokens_tangent, timestep_tangent):
+        coroutine = schedules.current_coroutine()
+        if coroutine is not None:
+            return coroutine.post(schedules.StageCall(self.module, tokens, timestep, text, self._layout(tokens),
+                                                      jvp=True, tokens_tangent=tokens_tangent,
+                                                      timestep_tangent=timestep_tangent))
         return self.module.jvp_tokens(tokens, timestep, text, self._layout(tokens), tokens_tangent, timestep_tangent)
 
 
@@ -105,6 +115,8 @@ class MicroBatch:
     sum_fn: Optional[D.SumFn] = None
     numel: Optional[float] = None
     """Real elements of one sample (all shards), for the DMD normaliser; None: counted from the latents."""
+    rollout_steps: int = 0
+    """The rollout length N its no-grad passes drew (for the FLOP count)."""
 
 
 @dataclasses.dataclass
@@ -131,18 +143,22 @@ class RCMStep:
         neg_text: the negative prompt's embedding for CFG (None: no guidance).
         cp_group: the context-parallel group (None or size 1: unsharded latents).
         timestep_scale: the networks' timestep units (their model config's `timestep_scale`: Wan 1000, Cosmos 1).
+        pipeline: a pipeline schedule (`training.schedules`) under pipeline parallelism: `run_pipelined` drives
+            the micro-batches of an iteration through it (the latents are then tokens, as under CP).
     """
 
     def __init__(self, config: D.RCMConfig, schedule: D.PhaseSchedule, teacher, student, critic=None,
-                 student_train=None, critic_train=None, neg_text=None, cp_group=None, *, timestep_scale: float):
+                 student_train=None, critic_train=None, neg_text=None, cp_group=None, *, timestep_scale: float,
+                 pipeline=None):
         self.config, self.schedule, self.neg_text = config, schedule, neg_text
         self.timestep_scale = timestep_scale
         self.teacher, self.student, self.critic = teacher, student, critic
         self.student_train = student_train if student_train is not None else student
         self.critic_train = critic_train if critic_train is not None else critic
         self.cp_group = cp_group
+        self.pipeline = pipeline
         self.sum_fn = D.process_group_sum(cp_group)
-        self.sharded = self.sum_fn is not None
+        self.sharded = self.sum_fn is not None or pipeline is not None
         # the dtype each network runs in, as the plain wrapper finds it (a token adapter has no parameters)
         self._dtypes = {name: D.TrigFlowWrapper(net, timestep_scale).dtype for name, net in
                         (("teacher", teacher), ("student", student), ("critic", critic)) if net is not None}
@@ -155,7 +171,16 @@ class RCMStep:
     @contextlib.contextmanager
     def timed(self, name: str):
         """Add the wall time of the block to pass `name` (CUDA synchronised before and after, so that the time is
-        the pass's and not the launch's)."""
+        the pass's and not the launch's). Inside a pipelined round's coroutine it only names the pass: the
+        schedule times the rounds (`schedules.run_lockstep`)."""
+        coroutine = schedules.current_coroutine()
+        if coroutine is not None:
+            coroutine.passes.append(name)
+            try:
+                yield
+            finally:
+                coroutine.passes.pop()
+            return
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
         t0 = time.perf_counter()
@@ -225,7 +250,7 @@ class RCMStep:
                                        self.schedule.tangent_warmup_ratio(it), gen, noise_fn=mb.noise_fn,
                                        sum_fn=mb.sum_fn)
         if self.schedule.dmd_active(it):
-            n = self.rollout_steps = self.schedule.rollout_steps(it, gen)
+            n = self.rollout_steps = mb.rollout_steps = self.schedule.rollout_steps(it, gen)
             with self.timed("rollout"):
                 x, t = D.student_rollout(net["student"], mb.x0, mb.text, n, rc, gen, noise_fn=mb.noise_fn)
                 x0_student = net["student"](x, t, mb.text).x0
@@ -235,17 +260,26 @@ class RCMStep:
                                             gen, noise_fn=mb.noise_fn, sum_fn=mb.sum_fn, numel=mb.numel)
         return out
 
-    def student_grad(self, mb: MicroBatch, targets: dict) -> MicroBatchLoss:
-        """One with-grad student forward over the sCM and DMD inputs together."""
-        rc, text = self.config, mb.text
+    def _student_grad_inputs(self, mb: MicroBatch, targets: dict):
+        """(x_t, t, text, parts) of the one with-grad student call: the sCM and DMD inputs concatenated."""
+        text = mb.text
         xs, ts, texts, parts = [], [], [], []
         if "scm" in targets:
             xs.append(targets["scm"].x_t), ts.append(targets["scm"].t), texts.append(text), parts.append("scm")
         if "dmd" in targets:
             x, t = targets["dmd_input"]
             xs.append(x), ts.append(t), texts.append(text), parts.append("dmd")
+        return torch.cat(xs), torch.cat(ts), torch.cat(texts), parts
+
+    def student_grad(self, mb: MicroBatch, targets: dict) -> MicroBatchLoss:
+        """One with-grad student forward over the sCM and DMD inputs together."""
+        x, t, text, parts = self._student_grad_inputs(mb, targets)
         with self.timed("student_grad"):
-            pred = self.networks(mb)["student_train"](torch.cat(xs), torch.cat(ts), torch.cat(texts))
+            pred = self.networks(mb)["student_train"](x, t, text)
+        return self._student_loss(mb, targets, parts, pred)
+
+    def _student_loss(self, mb: MicroBatch, targets: dict, parts: list, pred: D.TrigFlowPrediction) -> MicroBatchLoss:
+        rc, text = self.config, mb.text
         b = text.shape[0]
         total = torch.zeros(b, dtype=torch.float64, device=text.device)
         losses = {}
@@ -266,7 +300,7 @@ class RCMStep:
     @torch.no_grad()
     def critic_no_grad(self, mb: MicroBatch, it: int) -> D.CriticInputs:
         """A student sample from an N-step rollout, re-noised at t_D (no autograd)."""
-        n = self.rollout_steps = self.schedule.rollout_steps(it, mb.generator)
+        n = self.rollout_steps = mb.rollout_steps = self.schedule.rollout_steps(it, mb.generator)
         with self.timed("rollout"):
             return D.critic_inputs(self.networks(mb)["student"], mb.x0, mb.text, n, self.config, mb.generator,
                                    noise_fn=mb.noise_fn)
@@ -274,8 +308,11 @@ class RCMStep:
     def critic_grad(self, mb: MicroBatch, inputs: D.CriticInputs) -> MicroBatchLoss:
         """One with-grad critic forward and its denoising loss."""
         with self.timed("critic_grad"):
-            x0 = self.networks(mb)["critic_train"](inputs.x_t, inputs.t, mb.text).x0
-        loss = D.critic_loss(x0, inputs, mb.sum_fn)
+            pred = self.networks(mb)["critic_train"](inputs.x_t, inputs.t, mb.text)
+        return self._critic_loss(mb, inputs, pred)
+
+    def _critic_loss(self, mb: MicroBatch, inputs: D.CriticInputs, pred: D.TrigFlowPrediction) -> MicroBatchLoss:
+        loss = D.critic_loss(pred.x0, inputs, mb.sum_fn)
         total = self.config.critic_weight * loss
         logged = self._global(mb, {"loss/critic": loss.detach(), "loss/total": total.detach()})
         return MicroBatchLoss(total, {"loss/critic": logged["loss/critic"]}, logged["loss/total"])
@@ -288,3 +325,36 @@ class RCMStep:
         if phase == "critic":
             return self.critic_grad(mb, self.critic_no_grad(mb, it))
         raise ValueError(f"phase must be 'student' or 'critic', got {phase!r}")
+
+    # ------------------------------------------------------------------------------------------------------
+    # Under pipeline parallelism
+    # ------------------------------------------------------------------------------------------------------
+    def _grad_item(self, phase: str, mb: MicroBatch, out, backward_loss: Callable) -> schedules.GradItem:
+        """The with-grad call of `phase` for one micro-batch as a schedule drives it: the TrigFlow maps around
+        the trained network's stages (inputs on every stage, the prediction and loss on the last)."""
+        net = self.networks(mb)
+        if phase == "student":
+            x, t, text, parts = self._student_grad_inputs(mb, out)
+            wrapper, module, names = net["student_train"], self.student, tuple(f"loss/{p}" for p in parts)
+            finish = functools.partial(self._student_loss, mb, out, parts)
+        else:
+            x, t, text = out.x_t, out.t, mb.text
+            wrapper, module, names = net["critic_train"], self.critic, ("loss/critic",)
+            finish = functools.partial(self._critic_loss, mb, out)
+        tokens, timestep, maps = wrapper.network_inputs(x, t)
+        layout = dataclasses.replace(mb.layout, shape=(tokens.shape[0], *mb.layout.shape[1:]))
+        call = schedules.StageCall(module, tokens, timestep, text, layout, pass_name=f"{phase}_grad")
+        return schedules.GradItem(call, lambda y: finish(wrapper.prediction(y, maps)), backward_loss, names,
+                                  mb.text.shape[0])
+
+    def run_pipelined(self, phase: str, mbs: list[MicroBatch], it: int, backward_loss: Callable) -> list:
+        """Both calls of `phase` for all micro-batches of an iteration through the pipeline schedule: the no-grad
+        passes as lockstep rounds (pipelined across micro-batches), then the with-grad passes 1F1B, whose
+        backward (of `backward_loss(MicroBatchLoss)`) leaves the gradients in the parameters. Returns each
+        micro-batch's `MicroBatchLoss` on every stage (its `loss` on the last stage only)."""
+        no_grad = {"student": self.student_no_grad, "critic": self.critic_no_grad}[phase]
+        outs = schedules.run_lockstep([functools.partial(no_grad, mb, it) for mb in mbs],
+                                      self.pipeline.forward_only, mbs[0].x0.device, self.times)
+        items = [self._grad_item(phase, mb, out, backward_loss) for mb, out in zip(mbs, outs)]
+        with self.timed(f"{phase}_grad"):  # forwards and backwards
+            return self.pipeline.forward_backward(items)

@@ -221,7 +221,8 @@ class Trainer:
         self.step = RCMStep(c.rcm, self.schedule, self.teacher_module, self.student.module,
                             None if self.critic is None else self.critic.module, student_train=self.student.wrapped,
                             critic_train=None if self.critic is None else self.critic.wrapped, neg_text=self.neg_text,
-                            cp_group=state.cp_group(), timestep_scale=self.model_config.timestep_scale)
+                            cp_group=state.cp_group(), timestep_scale=self.model_config.timestep_scale,
+                            pipeline=self._pipeline_schedule())
         self.iteration = 0
         self.evaluator = None
         self._signal_received = False  # set by the signal handler, at any time
@@ -268,6 +269,14 @@ class Trainer:
         self.ema = D.PowerEMA(student, c.rcm.ema_sigma_rel)
         self.teacher = D.TrigFlowWrapper(teacher, preset.timestep_scale)  # the evaluation's teacher sampler
 
+    def _pipeline_schedule(self):
+        """The schedule that drives the micro-batches through the stages (None without pipeline parallelism)."""
+        if state.pp_size() == 1:
+            return None
+        from megatron_rcm.training.schedules import build_schedule
+
+        return build_schedule(self.device, DTYPES[self.config.model.params_dtype], self.config.parallel.pp_schedule)
+
     def generator(self, iteration: int, micro: int) -> torch.Generator:
         """Draws of micro-batch `micro` of this DP rank: seeded by its global micro-batch slot (DP rank x micro-batches
         per rank + micro), so that N DP ranks draw what one rank with N x the gradient accumulation draws. A CPU
@@ -291,20 +300,32 @@ class Trainer:
         norm = state.cp_size() / local
         sums: dict[str, torch.Tensor] = {}
         flops = 0.0  # model FLOPs of this DP rank's samples (all its TP / CP / PP ranks together)
-        for m, (x0, text) in enumerate(micro_batches):
-            out = self.step.run(phase, self.step.micro_batch(x0, text, self.generator(it, m)), it)
+        nan = float("nan") if it in c.training.nan_iterations else 1.0  # fault injection (tests): skip the step
+
+        def backward_loss(out):
+            return out.loss.sum() * nan * norm  # this rank's share of the micro-batch's loss, normalised
+
+        def account(x0, text, mb, out):
+            nonlocal flops
             passes = set(self.step.times) | {f"{phase}_grad"}
             tokens = tokens_per_sample(self.model_config, x0.shape[1:])
             flops += x0.shape[0] * iteration_flops(self.model_config, tokens, text.shape[1], phase,
-                                                   self.step.rollout_steps, passes)
-            loss, total = out.loss.sum(), out.total.sum()  # this rank's share; the whole samples' (for the logs)
-            if it in c.training.nan_iterations:  # fault injection (tests): the step must be skipped
-                loss, total = loss * float("nan"), total * float("nan")
-            with self.step.timed(f"{phase}_grad"):  # the backward of the with-grad pass, with its forward
-                (loss * norm).backward()
+                                                   mb.rollout_steps, passes)
             for k, v in out.parts.items():
                 sums[k] = sums.get(k, 0) + v.sum()
-            sums["loss/total"] = sums.get("loss/total", 0) + total
+            sums["loss/total"] = sums.get("loss/total", 0) + out.total.sum() * nan  # the whole samples'
+
+        mbs = [self.step.micro_batch(x0, text, self.generator(it, m)) for m, (x0, text) in enumerate(micro_batches)]
+        if self.step.pipeline is not None:  # every micro-batch's passes through the pipeline schedule
+            for (x0, text), mb, out in zip(micro_batches, mbs,
+                                           self.step.run_pipelined(phase, mbs, it, backward_loss)):
+                account(x0, text, mb, out)
+        else:
+            for (x0, text), mb in zip(micro_batches, mbs):
+                out = self.step.run(phase, mb, it)
+                with self.step.timed(f"{phase}_grad"):  # the backward of the with-grad pass, with its forward
+                    backward_loss(out).backward()
+                account(x0, text, mb, out)
         # one small all-reduce: global loss sums, NaN flag, signal flag
         keys = sorted(sums)
         flags = torch.tensor([0.0 if all(torch.isfinite(sums[k]) for k in keys) else 1.0,

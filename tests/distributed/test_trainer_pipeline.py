@@ -1,7 +1,9 @@
 """Pipeline parallelism in the rCM loop, end to end on CPU (torchrun, gloo, the shipped tiny teacher, float64):
 
-- the shortened tiny default at PP=2 (x DP=1, two micro-batches per iteration) gives the DP=2 run's losses and grad
-  norms (same draws: the micro-batch slots are the same), within 1e-5 relative;
+- the shortened tiny default at PP=2 (x DP=1, two micro-batches per iteration, driven by the gloo pipeline
+  schedule: no-grad rounds pipelined across micro-batches, the with-grad pass 1F1B) gives the DP=2 run's losses
+  and grad norms for 10 iterations (same draws: the micro-batch slots are the same), within 1e-5 relative; so do
+  PP=2 x TP=2 and PP=2 x CP=2 (ring) on 4 processes;
 - its checkpoint resumes at PP=1 and a PP=1 checkpoint resumes at PP=2 (explicit uneven split), each continuing the
   reference trajectory;
 - the EMA exported at PP=2, the same EMA exported at PP=1 and the PP=2 training checkpoint convert to bit-identical
@@ -20,7 +22,7 @@ from megatron_rcm.training import checkpointing
 from megatron_rcm.training.logger import read_metrics
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_checkpointing import F64, _assert_close, _copy_checkpoints, _single  # noqa: E402
+from test_checkpointing import F64, ITERS, _assert_close, _copy_checkpoints, _single  # noqa: E402
 from test_trainer import REPO, _losses, _run, _torchrun  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -37,7 +39,7 @@ def _train(run_dir, extra=(), nproc=2):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """PP=1 x DP=2: checkpoints at 4 and 8, the EMA exported at the end."""
+    """PP=1 x DP=2: checkpoints at 4, 8 and 10, the EMA exported at the end."""
     run_dir = str(tmp_path_factory.mktemp("pp_ref") / "run")
     _train(run_dir)
     return run_dir
@@ -58,7 +60,18 @@ def test_pp2_gives_the_reference_losses_and_grad_norms(reference, pipeline_run):
     assert meta["parallel"]["pipeline_model_parallel_size"] == 2
     a, b = _losses(read_metrics(run)), _losses(read_metrics(reference))
     assert {"loss/scm", "loss/dmd", "grad_norm/student"} <= set(a[5]) and "grad_norm/critic" in a[4]
-    _assert_close(a, b, range(1, 9), REL)
+    _assert_close(a, b, range(1, ITERS + 1), REL)
+
+
+@pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=2"],
+                                    ["parallel.context_parallel_size=2", "parallel.cp_comm=ring"]],
+                         ids=["pp2_tp2", "pp2_cp2_ring"])
+def test_pipeline_composes_with_tensor_and_context_parallelism(reference, tmp_path, layout):
+    """PP=2 x TP=2 and PP=2 x CP=2 (4 processes, DP=1) from scratch give the reference trajectory."""
+    run = str(tmp_path / "run")
+    p = _train(run, [*PP2, *layout, "checkpoint.save_interval=0", "checkpoint.save_at_end=false"], nproc=4)
+    assert "PP 2 x DP 1" in p.stdout
+    _assert_close(_losses(read_metrics(run)), _losses(read_metrics(reference)), range(1, ITERS + 1), REL)
 
 
 def test_iteration_records_hold_per_pass_times(pipeline_run):
@@ -79,8 +92,8 @@ def test_resume_pp2_to_pp1(reference, pipeline_run, tmp_path):
     p = _train(run, nproc=1)
     assert "at iteration 4" in p.stdout
     resumed = _losses(read_metrics(run))
-    assert sorted(resumed) == [5, 6, 7, 8]
-    _assert_close(resumed, _losses(read_metrics(reference)), range(5, 9), REL)
+    assert sorted(resumed) == list(range(5, ITERS + 1))
+    _assert_close(resumed, _losses(read_metrics(reference)), range(5, ITERS + 1), REL)
 
 
 def test_resume_pp1_to_pp2_explicit_split(reference, tmp_path):
@@ -89,8 +102,8 @@ def test_resume_pp1_to_pp2_explicit_split(reference, tmp_path):
     p = _train(run, [*PP2, "parallel.pipeline_layers=[1,2]"])
     assert "at iteration 4" in p.stdout
     resumed = _losses(read_metrics(run))
-    assert sorted(resumed) == [5, 6, 7, 8]
-    _assert_close(resumed, _losses(read_metrics(reference)), range(5, 9), REL)
+    assert sorted(resumed) == list(range(5, ITERS + 1))
+    _assert_close(resumed, _losses(read_metrics(reference)), range(5, ITERS + 1), REL)
 
 
 def _diffusers(tmp, name, *args):
@@ -110,7 +123,7 @@ def test_pp2_checkpoints_convert_to_the_pp1_diffusers_weights_bitwise(pipeline_r
     # the same weights exported at PP=1: the PP=2 run's last checkpoint, relaunched on one process without its
     # export, writes the EMA export the run lacks
     again = str(tmp_path / "again")
-    _copy_checkpoints(run, again, names=("iter_0000008",), latest="iter_0000008")
+    _copy_checkpoints(run, again, names=(f"iter_{ITERS:07d}",), latest=f"iter_{ITERS:07d}")
     p = _train(again, nproc=1)
     assert "had no complete EMA export: exported the EMA" in p.stdout, p.stdout[-2000:]
     pp2 = _diffusers(str(tmp_path), "pp2_ema", "--input", os.path.join(run, "ema"))

@@ -76,7 +76,8 @@ class ParallelConfig:
     pp_schedule: str = "auto"
     """What drives the micro-batches through the stages: `megatron` (megatron-core's `get_forward_backward_func`,
     1F1B; CUDA + NCCL), `gloo` (the same order of work over gloo P2P: the CPU path), `auto` (megatron on CUDA with
-    NCCL, else gloo)."""
+    NCCL, else gloo; without pipeline parallelism none: micro-batches one after another). Named explicitly, it
+    also drives a PP=1 run (a check of the schedule on one device)."""
     backend: str = "auto"
     """`auto` (NCCL with CUDA, else gloo), `nccl` or `gloo`."""
     grad_sync: str = "auto"

@@ -293,8 +293,11 @@ class _MegatronModel(torch.nn.Module):
     """What megatron's schedules see as the model: the config they read and `set_input_tensor`."""
 
     def __init__(self, module: torch.nn.Module, config):
+        from megatron.core.enums import ModelType
+
         super().__init__()
         self.module, self.config = module, config
+        self.model_type = ModelType.encoder_or_decoder
 
     def set_input_tensor(self, input_tensor) -> None:
         self.module.set_input_tensor(input_tensor)
@@ -343,7 +346,7 @@ class MegatronSchedule:
 
         def keep(i, output):
             outputs[i] = output
-            return torch.zeros((), device=self.device), torch.tensor(1, dtype=torch.int), {}
+            return torch.zeros((), device=self.device), torch.ones((), dtype=torch.int, device=self.device), {}
 
         with torch.no_grad():
             self._run(calls, True, lambda c: c, keep)
@@ -354,7 +357,7 @@ class MegatronSchedule:
 
         def loss(i, output):
             losses[i] = items[i].loss_fn(output)
-            return items[i].backward_loss(losses[i]), torch.tensor(1, dtype=torch.int), {}
+            return items[i].backward_loss(losses[i]), torch.ones((), dtype=torch.int, device=self.device), {}
 
         self._run(items, False, lambda it: it.call, loss)
         return _broadcast_losses(items, losses if parallel_state.is_pipeline_last_stage() else None, self.device)

@@ -270,8 +270,10 @@ class Trainer:
         self.teacher = D.TrigFlowWrapper(teacher, preset.timestep_scale)  # the evaluation's teacher sampler
 
     def _pipeline_schedule(self):
-        """The schedule that drives the micro-batches through the stages (None without pipeline parallelism)."""
-        if state.pp_size() == 1:
+        """The schedule that drives the micro-batches through the stages. None without pipeline parallelism
+        unless `parallel.pp_schedule` names one (at PP=1 it then runs the same passes through it: a check of
+        the schedule on one device)."""
+        if state.pp_size() == 1 and self.config.parallel.pp_schedule == "auto":
             return None
         from megatron_rcm.training.schedules import build_schedule
 

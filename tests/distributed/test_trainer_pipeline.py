@@ -74,6 +74,13 @@ def test_pipeline_composes_with_tensor_and_context_parallelism(reference, tmp_pa
     _assert_close(_losses(read_metrics(run)), _losses(read_metrics(reference)), range(1, ITERS + 1), REL)
 
 
+def test_schedule_named_at_pp1_gives_the_unscheduled_trajectory(reference, tmp_path):
+    """`parallel.pp_schedule=gloo` without pipeline parallelism runs the same passes through the schedule."""
+    run = str(tmp_path / "run")
+    _train(run, ["parallel.pp_schedule=gloo", "checkpoint.save_interval=0", "checkpoint.save_at_end=false"])
+    _assert_close(_losses(read_metrics(run)), _losses(read_metrics(reference)), range(1, ITERS + 1), REL)
+
+
 def test_iteration_records_hold_per_pass_times(pipeline_run):
     run, _ = pipeline_run
     m = read_metrics(run)

@@ -57,6 +57,12 @@ class ModelConfig:
     """Initialise the critic (fake score) from the teacher (the paper's choice); else from the student."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward of the with-grad passes (student and critic)."""
+    recompute_policy: typing.Literal["full", "selective", "selective_self"] = "full"
+    """With activation checkpointing, what each block keeps for its backward (training/recompute.py): `full` keeps
+    its input and re-runs the whole block, attention included; `selective` keeps its input and its self- and
+    cross-attention outputs with their log-sum-exps (SDPA / FlashAttention in half precision), and re-runs the rest
+    (projections, norms, RoPE, MLP) but no attention forward; `selective_self` keeps self-attention's only (cross-
+    attention over the text tokens is cheap to re-run). Same numbers; more memory, less time."""
 
 
 @dataclass

@@ -11,7 +11,9 @@ marks `tensor_model_parallel`) and split over PP stages (contiguous blocks; embe
 on the last; the worst stage is reported). Parameter counts come from the model built on the meta device.
 
 Activations (the with-grad pass dominates): with activation checkpointing each block keeps its input (one residual
-element per token) and the backward re-runs one block at a time; without it each block keeps everything its
+element per token) and the backward re-runs one block at a time; under selective recomputation
+(`model.recompute_policy=selective`, training/recompute.py) it keeps its self- and cross-attention's outputs and
+log-sum-exps too (`selective_self`: self-attention's only); without checkpointing each block keeps everything its
 backward needs. Tokens are split 1/CP (the token sequence is split after patchify, docs/architecture.md "Context parallelism"); with sequence
 parallelism the residual-stream tensors are split 1/TP too, the per-head and MLP tensors are split by TP always.
 The student's with-grad pass runs the sCM and DMD inputs as one batch (2 x micro-batch); the teacher's CFG passes
@@ -35,6 +37,13 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # activation bytes / 2 for wider dtypes.
 CHECKPOINT_INPUT_H = 2.0
 """Activation checkpointing: the block input kept per block (one residual element)."""
+SELECTIVE_ATTENTION_H = 2.0
+SELECTIVE_ATTENTION_HEADS = 4.0
+"""Selective recomputation, on top of the block input, per kept attention call (self and cross under `selective`,
+self under `selective_self`): its output (one element of width h per query token, split by TP as the heads are) and
+its log-sum-exp (one float32 per head and query token, not scaled by the activation dtype). Ring context
+parallelism keeps one partial output and log-sum-exp per key/value block: CP times the self-attention's share.
+Nothing for the math attention of float32 / float64 models (no fused op to keep: there it recomputes as `full`)."""
 BLOCK_SAVED_H = 35.0
 BLOCK_SAVED_F = 4.0
 """Without checkpointing: tensors one block keeps for its backward (norm inputs/outputs, q/k/v, attention output
@@ -143,18 +152,26 @@ class Layout:
     activation_checkpointing: bool
     micro_batch: int
     num_micro: int
+    recompute_policy: str = "full"
+    """What a checkpointed block keeps (`model.recompute_policy`): `full`, `selective` or `selective_self`."""
+
+    @property
+    def recompute(self) -> str:
+        """`off` or the recompute policy."""
+        return self.recompute_policy if self.activation_checkpointing else "off"
 
     def describe(self) -> str:
         return (f"TP {self.tp}{' +SP' if self.sequence_parallel else ''} x CP {self.cp} x PP {self.pp} x DP {self.dp}"
                 f" | micro-batch {self.micro_batch} x {self.num_micro}"
-                f" | activation checkpointing {'on' if self.activation_checkpointing else 'off'}"
+                f" | activation checkpointing {self.recompute}"
                 f" | distributed optimizer {'on' if self.distributed_optimizer else 'off'}")
 
     def overrides(self) -> str:
+        policy = f" model.recompute_policy={self.recompute_policy}" if self.activation_checkpointing else ""
         return (f"parallel.tensor_model_parallel_size={self.tp} parallel.context_parallel_size={self.cp} "
                 f"parallel.pipeline_model_parallel_size={self.pp} model.sequence_parallel="
                 f"{str(self.sequence_parallel).lower()} model.activation_checkpointing="
-                f"{str(self.activation_checkpointing).lower()} training.micro_batch_size={self.micro_batch}")
+                f"{str(self.activation_checkpointing).lower()}{policy} training.micro_batch_size={self.micro_batch}")
 
 
 @dataclasses.dataclass
@@ -220,7 +237,7 @@ def layout_of(config: TrainingConfig, world_size: int) -> Layout:
                           f"({t.micro_batch_size}) x DP ({dp})")
     return Layout(p.tensor_model_parallel_size, p.context_parallel_size, p.pipeline_model_parallel_size, dp,
                   config.model.sequence_parallel, p.use_distributed_optimizer, config.model.activation_checkpointing,
-                  t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dp))
+                  t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dp), config.model.recompute_policy)
 
 
 def _megatron_grad_sync(config: TrainingConfig) -> bool:
@@ -248,6 +265,32 @@ def _static(config: TrainingConfig, table: ParamTable, lay: Layout, stage: int) 
             "adam_state": trained * adam / shard, "cublas_workspace": CUBLAS_WORKSPACE_BYTES}
 
 
+def _ring_attention(config: TrainingConfig, lay: Layout, heads: int) -> bool:
+    """Whether self-attention crosses the CP group as a ring (parallel.cp_comm resolved as the trainer does)."""
+    from megatron_rcm.parallel.context import resolve_cp_comm
+
+    if lay.cp == 1:
+        return False
+    try:
+        return resolve_cp_comm(config.parallel.cp_comm, heads // lay.tp, lay.cp) == "ring"
+    except ValueError:  # a2a asked for where it cannot run: the trainer refuses the layout
+        return True
+
+
+def selective_attention_bytes(config: TrainingConfig, lay: Layout) -> float:
+    """Bytes per query token that one block keeps beyond its input under the layout's recompute policy (one
+    sample): `selective` the self- and cross-attention outputs and log-sum-exps, `selective_self` self-attention's;
+    0 under `full`, without checkpointing, and for the math attention of float32 / float64."""
+    if lay.recompute not in ("selective", "selective_self") or config.model.params_dtype in MATH_ATTENTION_DTYPES:
+        return 0.0
+    _, model_config = get_preset(config.model.preset)
+    h, heads = model_config.hidden_size, model_config.num_attention_heads
+    scale = DTYPE_BYTES[config.model.params_dtype] / 2
+    per_call = (SELECTIVE_ATTENTION_H * h * scale + SELECTIVE_ATTENTION_HEADS * heads) / lay.tp
+    self_attention = per_call * (lay.cp if _ring_attention(config, lay, heads) else 1)  # CP partials on a ring
+    return self_attention + (per_call if lay.recompute == "selective" else 0.0)
+
+
 def _activations(config: TrainingConfig, lay: Layout, tokens: int, stage: int) -> dict:
     """Peak activation bytes per pass kind on the GPU of PP stage `stage`."""
     _, model_config = get_preset(config.model.preset)
@@ -272,11 +315,15 @@ def _activations(config: TrainingConfig, lay: Layout, tokens: int, stage: int) -
     else:
         probs = 0.0
 
+    attention = s * selective_attention_bytes(config, lay)
+
     def with_grad(batch):
         per_block = s * block + text * text_block + probs
         if lay.activation_checkpointing:
-            kept = s * (blocks * CHECKPOINT_INPUT_H * h / res * scale + outside) + text * text_outside
-            return batch * (in_flight * kept + per_block)
+            kept = (s * (blocks * CHECKPOINT_INPUT_H * h / res * scale + outside) + text * text_outside
+                    + blocks * attention)
+            # the block being recomputed reads its kept attention results: counted once, in `kept`
+            return batch * (in_flight * kept + per_block - attention)
         return batch * in_flight * (blocks * per_block + s * outside + text * text_outside)
 
     live = (FORWARD_LIVE_H * h / res + FORWARD_LIVE_F * f / lay.tp) * scale
@@ -313,9 +360,14 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+_RECOMPUTE_ORDER = ((False, "full"), (True, "selective"), (True, "selective_self"), (True, "full"))
+"""(activation_checkpointing, recompute_policy) from the least recomputation to the most."""
+
+
 def candidate_layouts(config: TrainingConfig, gpus: int) -> list[Layout]:
     """Layouts of `gpus` GPUs for this model and global batch: TP dividing the heads (at most 8, one node), CP and
-    PP powers of two, micro-batch 1, 2, 4, activation checkpointing on or off, sequence parallelism with TP > 1."""
+    PP powers of two, micro-batch 1, 2, 4, activation checkpointing off or on with each recompute policy, sequence
+    parallelism with TP > 1."""
     _, model_config = get_preset(config.model.preset)
     t = config.training
     out = []
@@ -328,18 +380,19 @@ def candidate_layouts(config: TrainingConfig, gpus: int) -> list[Layout]:
                 for mb in (1, 2, 4):
                     if t.global_batch_size % (mb * dp):
                         continue
-                    for ac in (False, True):
+                    for ac, policy in _RECOMPUTE_ORDER:
                         out.append(Layout(tp, cp, pp, dp, tp > 1, config.parallel.use_distributed_optimizer, ac, mb,
-                                          t.global_batch_size // (mb * dp)))
+                                          t.global_batch_size // (mb * dp), policy))
     return out
 
 
 def smallest_fitting(config: TrainingConfig, gpus: int, gpu_memory: float, limit: int = 5) -> list[Estimate]:
-    """Layouts that fit, fewest model-parallel GPUs first (then no checkpointing, larger micro-batches, less
-    memory): the cheapest in communication and recomputation."""
+    """Layouts that fit, fewest model-parallel GPUs first (then the least recomputation: none, selective,
+    selective_self, full; larger micro-batches, less memory): the cheapest in communication and recomputation."""
     fitting = [e for e in (estimate(config, gpus, lay) for lay in candidate_layouts(config, gpus))
                if e.fits(gpu_memory)]
-    fitting.sort(key=lambda e: (e.layout.tp * e.layout.cp * e.layout.pp, e.layout.activation_checkpointing,
+    rank = {policy if ac else "off": i for i, (ac, policy) in enumerate(_RECOMPUTE_ORDER)}
+    fitting.sort(key=lambda e: (e.layout.tp * e.layout.cp * e.layout.pp, rank[e.layout.recompute],
                                 -e.layout.micro_batch, e.layout.pp, e.layout.cp, e.needed))
     return fitting[:limit]
 

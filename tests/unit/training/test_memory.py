@@ -81,7 +81,7 @@ def _saved_bytes(num_layers, checkpointing, size=32, batch=2, text=7, dtype=torc
     """Bytes autograd keeps for the backward of one with-grad forward of the tiny model (bf16), not parameters."""
     from megatron_rcm.models import build_model
     from megatron_rcm.models.loading import ARCHITECTURES
-    from megatron_rcm.training.trainer import enable_activation_checkpointing
+    from megatron_rcm.training.recompute import enable_activation_checkpointing
 
     _, c = get_preset("wan-shapes-tiny")
     c = dataclasses.replace(c, num_layers=num_layers)

@@ -32,6 +32,7 @@ from megatron_rcm.training.config import ConfigError, TrainingConfig, apply_kern
 from megatron_rcm.training.data import build_batches
 from megatron_rcm.training.flops import iteration_flops, tokens_per_sample
 from megatron_rcm.training.logger import TrainingLogger, append_metrics
+from megatron_rcm.training.recompute import enable_activation_checkpointing
 from megatron_rcm.training.step import RCMStep
 from megatron_rcm.training.trainable import make_trainable
 
@@ -137,22 +138,6 @@ def check_teacher(config: TrainingConfig) -> None:
                           f"(checkpoint, preset) differ in {diff}")
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute every transformer block in the backward pass of with-grad calls (no-grad and JVP calls run the
-    plain blocks). Each block's inputs are kept; everything inside is recomputed."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.blocks:
-        plain = block.forward
-
-        def forward(x, x_tangent, *args, _plain=plain):
-            if torch.is_grad_enabled() and x_tangent is None:
-                return checkpoint(_plain, x, x_tangent, *args, use_reentrant=False)
-            return _plain(x, x_tangent, *args)
-
-        block.forward = forward
-
-
 def check_resume(config: TrainingConfig, path: str) -> list[str]:
     """Refuse (ConfigError) to continue checkpoint `path` with a changed micro-batch size, dtype or model, unless
     `training.allow_config_change`; returns the accepted changes (to be logged)."""
@@ -255,8 +240,8 @@ class Trainer:
         student = clone(teacher).requires_grad_(True)
         critic = clone(teacher if c.model.critic_from_teacher else student).requires_grad_(True)
         if c.model.activation_checkpointing:
-            enable_activation_checkpointing(student)
-            enable_activation_checkpointing(critic)
+            enable_activation_checkpointing(student, c.model.recompute_policy)
+            enable_activation_checkpointing(critic, c.model.recompute_policy)
         self.ema_module = clone(student).requires_grad_(False).eval()  # the EMA's weights for sampling/export
         o, t = c.optimizer, c.training
         self.student = make_trainable(c.parallel.grad_sync, "student", student, o.student_lr, o, t.train_iters,

@@ -316,9 +316,11 @@ class MegatronSchedule:
             tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
             pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
             context_parallel_size=parallel_state.get_context_parallel_world_size(),
-            pipeline_dtype=dtype, params_dtype=dtype, variable_seq_lengths=True,
-            # the loss function returns the loss to backpropagate as it is (no division by micro-batches)
-            calculate_per_token_loss=True)
+            pipeline_dtype=dtype, params_dtype=dtype, variable_seq_lengths=True)
+        # a TransformerConfig field the schedules read (TransformerConfig itself refuses variable_seq_lengths
+        # without MoE's all-to-all dispatcher): the loss function's loss is backpropagated as it is, with no
+        # division by the micro-batch count
+        self.config.calculate_per_token_loss = True
 
     def _run(self, items: list, forward_only: bool, stage_call: Callable, on_output: Callable):
         from megatron.core.pipeline_parallel import get_forward_backward_func

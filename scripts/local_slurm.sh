@@ -72,7 +72,9 @@ JobRequeue=1
 ReturnToService=2
 SchedulerParameters=sched_interval=2,bf_interval=1
 SlurmctldTimeout=10
-SlurmdTimeout=10
+# generous: on a loaded host a slurmd can answer the controller's pings late, and a node marked DOWN for it fails
+# (or requeues) the jobs on it
+SlurmdTimeout=120
 KillWait=10
 MinJobAge=600
 EOF

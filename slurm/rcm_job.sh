@@ -10,7 +10,8 @@
 #   MASTER_PORT    rendezvous port on the first node (default 29500)
 #   PYTHON         interpreter (default: python)
 #   REQUEUE        1 (default): requeue the job after a pre-emption save; 0: just stop
-#   RESEND         seconds between repeats of the forwarded SIGUSR1 until the workers have stopped (default 10)
+#   RESEND         seconds between repeats of the forwarded SIGUSR1 while no worker on the first node listens
+#                  for it yet (default 10)
 # Arguments: config overrides (key.sub=value ...), passed to examples/pretrain_rcm.py.
 #
 # Pre-emption: `--signal=B:USR1@N` sends SIGUSR1 to this shell N s before the time limit (`scancel
@@ -19,6 +20,37 @@
 # signal (it would end torchrun and its workers). Then this shell runs `scontrol requeue`: `--requeue` alone does
 # not requeue a job that reached its time limit. N must cover one iteration plus a checkpoint save.
 set -uo pipefail
+
+# The trap comes first: Slurm sends the warning from a periodic check, which can fall in the first seconds of a job
+# with a short limit, and SIGUSR1 without a trap ends this shell (bash's default action) and fails the job.
+STOP=0
+USR1_BIT=$(($(kill -l USR1) - 1))
+worker_listens() {  # a process of this job's steps on this node catches SIGUSR1: a worker with the trainer's handler
+    local pid mask
+    for pid in $(scontrol listpids "$SLURM_JOB_ID" 2>/dev/null | awk '$3 ~ /^[0-9]+$/ {print $1}'); do
+        mask=$(sed -n 's/^SigCgt:[[:space:]]*//p' "/proc/$pid/status" 2>/dev/null)
+        [ -n "$mask" ] && (( (16#$mask >> USR1_BIT) & 1 )) && return 0
+    done
+    return 1
+}
+forward_preemption() {
+    [ "$STOP" = 1 ] && return  # once: srun may forward the same signal again
+    STOP=1
+    echo "SIGUSR1 ($(date -u '+%T') UTC): asking the workers to save a checkpoint and stop"
+    # SIGUSR1 to every process of the job steps (not this shell), again every RESEND s until a worker on this node
+    # has had it with its handler installed: workers still starting up ignore it (inherited from the task shell),
+    # a warning they never see ends the job at its time limit, and one worker's request stops every rank (the
+    # trainer agrees on it over all ranks). No more than that: a worker on its way out has Python's default action
+    # back, and SIGUSR1 would kill it.
+    ( while :; do
+          listening=0
+          worker_listens && listening=1
+          scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null && [ "$listening" = 1 ] && break
+          sleep "${RESEND:-10}"
+          kill -0 $$ 2>/dev/null || break
+      done ) &
+}
+trap forward_preemption USR1
 
 cd "${REPO:-${SLURM_SUBMIT_DIR:-.}}"
 PYTHON=${PYTHON:-python}
@@ -46,20 +78,6 @@ echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES node(s) [
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export PYTHONUNBUFFERED=1
-
-STOP=0
-forward_preemption() {
-    [ "$STOP" = 1 ] && return  # once: srun may forward the same signal again
-    STOP=1
-    echo "SIGUSR1 ($(date -u '+%T') UTC): asking the workers to save a checkpoint and stop"
-    scancel --signal=USR1 "$SLURM_JOB_ID"  # every process of the job steps (not this shell)
-    # again every RESEND s while this shell runs: workers still starting up ignore SIGUSR1 (inherited from the task
-    # shell) until the trainer installs its handler, and a signal they never see ends the job at its time limit
-    ( while sleep "${RESEND:-10}" && kill -0 $$ 2>/dev/null; do
-          scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null
-      done ) &
-}
-trap forward_preemption USR1
 
 # `trap '' USR1` in the task shell: torchrun inherits SIGUSR1 as ignored, the workers install their handler
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c 'trap "" USR1; exec "$@"' task \

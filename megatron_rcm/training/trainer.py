@@ -490,10 +490,21 @@ class Trainer:
             append_metrics(self.config.run_dir, record)
 
     def train(self) -> list[dict]:
+        """Run (or resume) the training; with `checkpoint.save_on_signal` SIGTERM / SIGUSR1 save and stop. The
+        previous handlers come back on return: at shutdown Python would otherwise reset its handled signals to
+        their default action, so a late repeat of the pre-emption signal (a launcher resends it) would kill a
+        worker that has already saved."""
+        previous = {}
+        if self.config.checkpoint.save_on_signal:
+            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            return self._train()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _train(self) -> list[dict]:
         c = self.config
-        if c.checkpoint.save_on_signal:
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGUSR1, self._on_signal)
         resumed = self.maybe_resume()
         if self.rank == 0:  # after every check of the config and of the checkpoint it continues
             os.makedirs(c.run_dir, exist_ok=True)

@@ -22,6 +22,7 @@ order of work, P2P over gloo (`torch.distributed.isend` / `recv` on the pipeline
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from typing import Callable, Optional
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_rcm.parallel.pipeline import broadcast_from_last
 from megatron_rcm.parallel.state import pp_group
 
 
@@ -66,10 +68,7 @@ class StageCall:
     def output_shape(self) -> tuple[int, ...]:
         """What the last stage returns: velocity tokens [B, S_local, C_out*p] (twice, stacked, with `jvp`)."""
         config = self.module.config
-        patch = 1
-        for p in config.patch_size:
-            patch *= p
-        shape = (self.layout.shape[0], self.layout.split.chunk, config.out_channels * patch)
+        shape = (self.layout.shape[0], self.layout.split.chunk, config.out_channels * math.prod(config.patch_size))
         return (2, *shape) if self.jvp else shape
 
 
@@ -169,38 +168,31 @@ def run_lockstep(fns: list[Callable], execute: Callable[[list[StageCall]], list]
 # ---------------------------------------------------------------------------------------------------------------
 # The schedules
 # ---------------------------------------------------------------------------------------------------------------
-def _last_rank() -> int:
-    return parallel_state.get_pipeline_model_parallel_last_rank()
-
-
-def _broadcast_outputs(calls: list[StageCall], outputs: Optional[list], device) -> list:
+def _broadcast_outputs(calls: list[StageCall], outputs: Optional[list]) -> list:
     """The last stage's outputs of a round on every stage (one broadcast of their concatenation)."""
     shapes = [c.output_shape() for c in calls]
-    numels = [int(torch.Size(s).numel()) for s in shapes]
-    dtype = calls[0].tokens.dtype
+    flat = None
     if parallel_state.is_pipeline_last_stage():
+        dtype = calls[0].tokens.dtype
         flat = torch.cat([(torch.stack(o) if c.jvp else o).reshape(-1).to(dtype) for c, o in zip(calls, outputs)])
-    else:
-        flat = torch.empty(sum(numels), dtype=dtype, device=device)
-    dist.broadcast(flat, _last_rank(), group=pp_group())
+    flat = broadcast_from_last(flat)
     out = []
-    for c, piece in zip(calls, flat.split(numels)):
-        y = piece.view(*c.output_shape())
+    for c, shape, piece in zip(calls, shapes, flat.split([math.prod(s) for s in shapes])):
+        y = piece.view(*shape)
         out.append((y[0], y[1]) if c.jvp else y)
     return out
 
 
-def _broadcast_losses(items: list[GradItem], losses: Optional[list], device) -> list:
+def _broadcast_losses(items: list[GradItem], losses: Optional[list]) -> list:
     """The logged parts and totals of every micro-batch's loss (last stage) on every stage."""
     from megatron_rcm.training.step import MicroBatchLoss
 
     sizes = [(len(it.part_names) + 1) * it.batch for it in items]
+    flat = None
     if parallel_state.is_pipeline_last_stage():
         flat = torch.cat([torch.cat([*(l.parts[k].double() for k in it.part_names), l.total.double()])
-                          for it, l in zip(items, losses)]).to(device)
-    else:
-        flat = torch.empty(sum(sizes), dtype=torch.float64, device=device)
-    dist.broadcast(flat, _last_rank(), group=pp_group())
+                          for it, l in zip(items, losses)])
+    flat = broadcast_from_last(flat)
     out = []
     for it, piece, l in zip(items, flat.split(sizes), losses or [None] * len(items)):
         values = piece.view(len(it.part_names) + 1, -1)
@@ -238,7 +230,7 @@ class GlooSchedule:
                     pending.append((dist.isend(out, self.next, group=pp_group()), out))
             for work, _ in pending:
                 work.wait()
-        return _broadcast_outputs(calls, outputs if self.last else None, self.device)
+        return _broadcast_outputs(calls, outputs if self.last else None)
 
     def forward_backward(self, items: list[GradItem]) -> list:
         """1F1B over the micro-batches' with-grad calls: stage s runs `pp - s - 1` warm-up forwards, then
@@ -257,17 +249,16 @@ class GlooSchedule:
                 x = self._recv(item.call.activation_shape(), item.call.tokens.dtype, self.prev).requires_grad_(True)
             y = item.call.run_stage(x)
             if self.last:
-                loss = item.loss_fn(y)
-                losses.append(loss)
-                saved.append((x, item.backward_loss(loss), None))
+                losses.append(item.loss_fn(y))
+                y = item.backward_loss(losses[-1])  # the last stage backpropagates the scalar loss
             else:
                 send = y.detach().contiguous()
                 pending.append((dist.isend(send, self.next, group=pp_group()), send))
-                saved.append((x, y, True))
+            saved.append((x, y))
 
         def backward():
-            x, y, needs_grad_in = saved.pop(0)
-            if needs_grad_in is None:  # the last stage: y is the scalar loss
+            x, y = saved.pop(0)
+            if self.last:
                 y.backward()
             else:
                 g = self._recv(y.shape, y.dtype, self.next)
@@ -286,7 +277,7 @@ class GlooSchedule:
             backward()
         for work, _ in pending:
             work.wait()
-        return _broadcast_losses(items, losses if self.last else None, self.device)
+        return _broadcast_losses(items, losses if self.last else None)
 
 
 class _MegatronModel(torch.nn.Module):
@@ -325,8 +316,8 @@ class MegatronSchedule:
     def _run(self, items: list, forward_only: bool, stage_call: Callable, on_output: Callable):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        module = stage_call(items[0]).module
-        model = _MegatronModel(module, self.config)
+        first = stage_call(items[0])
+        model = _MegatronModel(first.module, self.config)
         order = iter(range(len(items)))
 
         def forward_step(data_iterator, model):
@@ -338,10 +329,9 @@ class MegatronSchedule:
 
             return out, loss_func
 
-        call = stage_call(items[0])
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=order, model=[model],
-                                    num_microbatches=len(items), seq_length=call.layout.split.chunk,
-                                    micro_batch_size=call.layout.shape[0], forward_only=forward_only)
+                                    num_microbatches=len(items), seq_length=first.layout.split.chunk,
+                                    micro_batch_size=first.layout.shape[0], forward_only=forward_only)
 
     def forward_only(self, calls: list[StageCall]) -> list:
         outputs = [None] * len(calls)
@@ -352,7 +342,7 @@ class MegatronSchedule:
 
         with torch.no_grad():
             self._run(calls, True, lambda c: c, keep)
-        return _broadcast_outputs(calls, outputs if parallel_state.is_pipeline_last_stage() else None, self.device)
+        return _broadcast_outputs(calls, outputs)
 
     def forward_backward(self, items: list[GradItem]) -> list:
         losses = [None] * len(items)
@@ -362,7 +352,7 @@ class MegatronSchedule:
             return items[i].backward_loss(losses[i]), torch.ones((), dtype=torch.int, device=self.device), {}
 
         self._run(items, False, lambda it: it.call, loss)
-        return _broadcast_losses(items, losses if parallel_state.is_pipeline_last_stage() else None, self.device)
+        return _broadcast_losses(items, losses)
 
 
 def build_schedule(device: torch.device, dtype: torch.dtype, kind: str = "auto"):

@@ -97,10 +97,18 @@ def main(argv=None):
           " | ".join(f"{k} {v:.2f} GiB" for k, v in est.peak_gib.items()) +
           f" | needed with allocator overhead and CUDA context: {est.needed / GiB:.2f} GiB")
     if measured is not None:
+        if isinstance(measured.get("resident"), float):
+            print(f"  measured between steps (memory_allocated): {measured['resident']:.3f} GiB | estimate "
+                  f"{sum(est.static.values()) / GiB:.3f} GiB (resident terms above)")
         for kind, gib in measured.items():
+            if kind == "resident":
+                continue
+            if kind == "error":
+                print(f"  {gib}")
+                continue
             ratio = f"estimate / measured {est.peak_gib[kind] / gib:.3f}" if isinstance(gib, float) else ""
-            print(f"  measured peak, {kind} step: {gib if isinstance(gib, str) else f'{gib:.2f} GiB'} | estimate "
-                  f"{est.peak_gib.get(kind, float('nan')):.2f} GiB {ratio}")
+            print(f"  measured peak, {kind} step: {gib if isinstance(gib, str) else f'{gib:.3f} GiB'} | estimate "
+                  f"{est.peak_gib.get(kind, float('nan')):.3f} GiB {ratio}")
     for name, gib in cards.items():
         verdict = "fits" if est.fits(gib * GiB) else "does NOT fit"
         print(f"  {name} GPU ({gib:.1f} GiB): {verdict}")

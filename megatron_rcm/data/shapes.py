@@ -149,7 +149,10 @@ class ShapesTextEncoder:
 
     VOCAB = ("a", "moving", *COLORS, *SHAPES, *DIRECTIONS)
 
-    def __init__(self, dim: int = 16, max_length: int = 5, seed: int = 0):
+    MAX_LENGTH = 5
+    """Text tokens per caption: the longest caption ('a <color> <shape> moving <direction>') has five words."""
+
+    def __init__(self, dim: int = 16, max_length: int = MAX_LENGTH, seed: int = 0):
         self.dim, self.max_length = dim, max_length
         table = np.random.RandomState(seed).standard_normal((len(self.VOCAB), dim)).astype(np.float32)
         self.table = torch.from_numpy(table)

@@ -60,10 +60,10 @@ JVP_FACTOR = 2.0
 """The JVP pass carries a tangent with each primal."""
 TEXT_BLOCK_H = 12.0
 TEXT_OUTSIDE_H = 6.5
-"""Per text token (data.text_length per sample) of a with-grad pass: each block's cross-attention keys and values
+"""Per text token (`text_tokens`: data.text_length, 5 for the shapes set) of a with-grad pass: each block's cross-attention keys and values
 and their norm's tensors (six elements of width h); outside the blocks the text embedding's MLP (counted on the tiny model with saved-tensor hooks,
-tests/unit/training/test_memory.py). Negligible at 480p (512 text tokens next to 32,760 patch tokens), most of the
-tiny default's activations (512 text tokens next to 128 patch tokens)."""
+tests/unit/training/test_memory.py). Negligible at 480p (512 text tokens next to 32,760 patch tokens) and for the
+tiny default (5 next to 128)."""
 MATH_ATTENTION_DTYPES = ("float32", "float64")
 """Activations that `models.attention.attention` sends to its math path on CUDA too (the fused kernels are for half
 precision): the path keeps each block's softmax probabilities (query tokens x keys x heads) for the backward, in
@@ -226,6 +226,16 @@ def sample_tokens(config: TrainingConfig) -> int:
     return math.prod(g // p for g, p in zip(grid, model_config.patch_size))
 
 
+def text_tokens(config: TrainingConfig) -> int:
+    """Text tokens of one sample: the shapes set's tiny encoder pads to its caption length (5), not to
+    `data.text_length`; every other source pads to `data.text_length` (umT5's 512)."""
+    if config.data.source == "shapes":
+        from megatron_rcm.data.shapes import ShapesTextEncoder
+
+        return ShapesTextEncoder.MAX_LENGTH
+    return config.data.text_length
+
+
 def layout_of(config: TrainingConfig, world_size: int) -> Layout:
     p, t = config.parallel, config.training
     mp = p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size
@@ -305,7 +315,7 @@ def _activations(config: TrainingConfig, lay: Layout, tokens: int, stage: int) -
     outside = OUTSIDE_BLOCKS_H * h / res * ((stage == 0) + (stage == lay.pp - 1)) / 2
     in_flight = min(lay.pp, lay.num_micro)  # 1F1B: the first stage holds up to PP micro-batches
 
-    text = config.data.text_length
+    text = text_tokens(config)
     text_block = TEXT_BLOCK_H * h / lay.tp * scale  # per text token; the keys and values are split by heads
     text_outside = TEXT_OUTSIDE_H * h * scale * (stage == 0)
     if config.model.params_dtype in MATH_ATTENTION_DTYPES:
@@ -427,10 +437,16 @@ def measure(config: TrainingConfig, iterations: int = 6) -> dict:
         raise RuntimeError("measuring the peak memory needs a GPU")
     trainer = Trainer(config)
     peaks: dict = {}
+    resident = 0
     for it in range(iterations):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
         phase = trainer.train_step(it)["phase"]
         torch.cuda.synchronize()
         peaks.setdefault(phase, []).append(torch.cuda.max_memory_allocated())
-    return {phase: max(v[1:] if len(v) > 1 else v) for phase, v in peaks.items()}
+    out = {phase: max(v[1:] if len(v) > 1 else v) for phase, v in peaks.items()}
+    # what stays allocated between steps (weights, optimizer state, workspaces): splits the peaks into the static
+    # terms and the activations when an estimate misses
+    out["resident"] = resident
+    return out

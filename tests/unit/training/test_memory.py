@@ -131,7 +131,9 @@ def test_tiny_default_peak_is_the_sum_of_its_terms():
     config = load_config(None, ["rcm.tangent_warmup=0"])
     _, c = get_preset(config.model.preset)
     est = memory.estimate(config, 1)
-    h, f, s, text, heads = c.hidden_size, c.ffn_dim, 128, 512, c.num_attention_heads
+    h, f, s, heads = c.hidden_size, c.ffn_dim, 128, c.num_attention_heads
+    text = 5  # the shapes set's caption tokens (ShapesTextEncoder pads to 5, not to data.text_length)
+    assert memory.text_tokens(config) == text and config.data.text_length == 512
     scale = 2  # float32
     block = (memory.BLOCK_SAVED_H * h + memory.BLOCK_SAVED_F * f) * scale
     probs = heads * s * (s + text) * 4

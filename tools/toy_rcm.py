@@ -10,7 +10,8 @@ sliced Wasserstein-2 to the data, next to the teacher's multi-step samplers.
     python tools/toy_rcm.py --out toy_rcm.json              # 3 seeds, mean +- std in "summary"
 
 The output JSON is a function of the arguments (same machine and thread count): every draw, the networks' initial
-weights included, comes from generators seeded by `--seed`; wall-clock timings go to stderr.
+weights included, comes from generators seeded by `--seed`; wall-clock timings go to stderr. The seeds run in
+parallel processes (`--jobs`), which does not change the JSON. The defaults take ~5 minutes on 2 idle cores.
 """
 
 import argparse
@@ -240,9 +241,11 @@ def run_seed(args, seed: int) -> tuple[dict, dict]:
         tangent_warmup=args.warmup,
         student_update_freq=args.student_update_freq,
         dmd_weight_mode=args.dmd_weight_mode,
+        student_mid_times=tuple(args.mid_times),
+        ema_sigma_rel=args.ema_sigma_rel,
     )
     t0 = time.perf_counter()
-    teacher_net = train_teacher(args.teacher_iters, args.batch, gen)
+    teacher_net = train_teacher(args.teacher_iters, args.teacher_batch, gen)
     timings = {"teacher_train_s": round(time.perf_counter() - t0, 1)}
     result = {}
     if "teacher" in args.methods:
@@ -299,28 +302,56 @@ def summarize(per_seed: list[dict]) -> dict:
     return out
 
 
-def _without_out(argv: list[str]) -> list[str]:
-    """The command line without `--out PATH` (where the JSON goes is not part of the result)."""
+_NOT_IN_RESULT = ("--out", "--jobs")
+"""Options that do not change the numbers: left out of the JSON's command."""
+
+
+def _result_argv(argv: list[str], drop: tuple = ()) -> list[str]:
+    """The command line without `--out PATH` and `--jobs N` (and the options in `drop`)."""
+    names = _NOT_IN_RESULT + tuple(drop)
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--out":
+        elif a in names:
             skip = True
-        elif not a.startswith("--out="):
+        elif not a.startswith(tuple(f"{o}=" for o in names)):
             out.append(a)
     return out
+
+
+def _run_seeds_in_processes(argv: list[str], seeds: list[int], jobs: int) -> list[tuple[dict, dict]]:
+    """run_seed of each seed in its own process of this script (`--worker-seed`), `jobs` at a time. A seed's numbers
+    depend only on its own generators and --threads, so the JSON is the same for any --jobs."""
+    import concurrent.futures
+    import subprocess
+
+    common = _result_argv(argv, drop=("--seed", "--seeds"))
+
+    def one(seed):
+        cmd = [sys.executable, os.path.abspath(__file__), *common, "--worker-seed", str(seed)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        sys.stderr.write(proc.stderr)
+        out = json.loads(proc.stdout)
+        return out["result"], out["timings"]
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # the threads only wait for the processes
+        return list(pool.map(one, seeds))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-iters", type=int, default=2000)
-    parser.add_argument("--student-steps", type=int, default=800, help="student updates per distillation run")
-    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--student-steps", type=int, default=2000, help="student updates per distillation run")
+    parser.add_argument("--teacher-batch", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=256, help="batch of the distillation runs")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--critic-lr", type=float, default=3e-4)
     parser.add_argument("--warmup", type=int, default=200, help="tangent warm-up iterations")
-    parser.add_argument("--student-update-freq", type=int, default=5)
+    parser.add_argument("--student-update-freq", type=int, default=3,
+                        help="one student update every N iterations, critic updates in between (DMD and rCM)")
     parser.add_argument("--methods", nargs="+", default=["teacher", "scm", "dmd", "rcm"], choices=["teacher", "scm", "dmd", "rcm"])
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01],
                         help="rCM lambda (dmd_weight) values; default: the paper's 0.01, read as --dmd-weight-mode says")
@@ -328,31 +359,47 @@ def main(argv=None):
                         help="rcm.dmd_weight_mode: per_sample (the default everywhere: lambda means at 2 elements what it means "
                              "at Wan's 2.1M) or paper (the reference's per-element scale)")
     parser.add_argument("--dmd-weight", type=float, default=0.01, help="weight of the pure-DMD run")
+    parser.add_argument("--mid-times", type=float, nargs=3, default=[0.5, 0.25, 0.1],
+                        help="rcm.student_mid_times: TrigFlow times of the student sampler's later steps (the tiny "
+                             "default's; the reference's 1.3 1.0 0.6 re-noise a sample almost completely)")
+    parser.add_argument("--ema-sigma-rel", type=float, default=0.05, help="rcm.ema_sigma_rel of the evaluated EMA")
     parser.add_argument("--eval-samples", type=int, default=10000)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per seed's process")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--seeds", type=int, default=3, help="seeds seed, seed + 1, ...: teacher and students per seed")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="seeds run at once, each in its own process with --threads threads (default: all of "
+                             "them; on 2 cores 3 processes finish sooner than 2); the JSON does not depend on it")
     parser.add_argument("--out", type=str, default=None, help="JSON of the results (identical for identical arguments)")
+    parser.add_argument("--worker-seed", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
 
     torch.set_num_threads(args.threads)
+    if args.worker_seed is not None:  # one seed of a parent run (--jobs): its result and timings on stdout
+        result, timings = run_seed(args, args.worker_seed)
+        print(json.dumps({"result": result, "timings": timings}))
+        return result
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
     data = sample_data(args.eval_samples, torch.Generator().manual_seed(args.seed + 99)).double()
     result = {
-        "command": " ".join(["tools/toy_rcm.py", *_without_out(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"CPU ({platform.processor() or platform.machine()}), torch threads {args.threads}",
+        "command": " ".join(["tools/toy_rcm.py", *_result_argv(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"CPU ({platform.processor() or platform.machine()}), torch threads {args.threads} per seed",
         "torch": torch.__version__,
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "jobs", "worker_seed")},
         "data": {"modes": NUM_MODES, "radius": RADIUS, "mode_std": MODE_STD, "weights": [round(w, 4) for w in WEIGHTS.tolist()]},
         "reference_data_vs_data": metrics(sample_data(args.eval_samples, torch.Generator().manual_seed(7)), data),
     }
-    per_seed, timings = [], {}
-    for seed in range(args.seed, args.seed + args.seeds):
-        r, timings[f"seed {seed}"] = run_seed(args, seed)
-        per_seed.append(r)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    jobs = min(args.jobs or len(seeds), len(seeds))
+    if jobs > 1:
+        outs = _run_seeds_in_processes(argv if argv is not None else sys.argv[1:], seeds, jobs)
+    else:
+        outs = [run_seed(args, seed) for seed in seeds]
+    per_seed = [r for r, _ in outs]
+    timings = {f"seed {seed}": t for seed, (_, t) in zip(seeds, outs)}
     result["seeds"] = {str(s): r for s, r in zip(range(args.seed, args.seed + args.seeds), per_seed)}
     result["summary"] = summarize(per_seed)
     # wall-clock numbers go to stderr only, so that the JSON is a function of the arguments

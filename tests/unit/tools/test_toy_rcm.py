@@ -17,8 +17,8 @@ def toy():
 
 
 def test_same_arguments_give_the_same_json_and_the_summary_is_over_seeds(toy, tmp_path, capsys):
-    a = toy.main([*SHORT, "--seeds", "2", "--out", str(tmp_path / "a.json")])
-    b = toy.main([*SHORT, "--seeds", "2", "--out", str(tmp_path / "b.json")])
+    a = toy.main([*SHORT, "--seeds", "2", "--jobs", "1", "--out", str(tmp_path / "a.json")])
+    b = toy.main([*SHORT, "--seeds", "2", "--jobs", "2", "--out", str(tmp_path / "b.json")])  # seeds in processes
     capsys.readouterr()
     assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
     assert json.loads((tmp_path / "a.json").read_text()) == a == b

@@ -212,3 +212,24 @@ def test_parameter_table_is_the_full_model_under_tensor_parallelism():
 
     table = memory.parameter_table("wan-shapes-tiny", "float32")
     run_on_ranks(_table_under_tp, 2, table.total, 2 * (table.local(1, 1, 0) - table.local(2, 1, 0)))
+
+
+def test_cli_prints_measured_peaks_next_to_the_estimate(capsys, monkeypatch):
+    """The --measure lines (the measurement itself needs a GPU: its result is given here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("estimate_memory", os.path.join(REPO, "tools", "estimate_memory.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(tool, "_measure", lambda config, n: {"student": 0.125, "critic": 0.0625, "resident": 0.03125})
+    tool.main(["--brief", "--measure", "6"])
+    out = capsys.readouterr().out
+    est = memory.estimate(load_config(None, []), 1)
+    assert "measured between steps (memory_allocated): 0.031 GiB" in out
+    assert f"measured peak, student step: 0.125 GiB | estimate {est.peak_gib['student']:.3f} GiB" in out
+    assert f"estimate / measured {est.peak_gib['critic'] / 0.0625:.3f}" in out
+    monkeypatch.setattr(tool, "_measure", lambda config, n: {"student": "out of memory", "critic": "out of memory",
+                                                             "error": "CUDA out of memory. Tried to allocate 2 GiB"})
+    tool.main(["--brief", "--measure", "6"])
+    out = capsys.readouterr().out
+    assert "measured peak, student step: out of memory" in out and "CUDA out of memory. Tried" in out

@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--probe", action="store_true", help="start from the scale probe's settings")
     p.add_argument("--measure", type=int, default=0, metavar="N",
                    help="also run N training iterations on this GPU and print the measured peaks")
+    p.add_argument("--breakdown", action="store_true",
+                   help="with --measure: list what is allocated at each step kind's peak, by the line of code that "
+                        "allocated it (torch's allocation history of the last two iterations)")
     return p.parse_args(argv)
 
 
@@ -70,7 +73,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     cards = {f"{args.gpu_memory / GiB:.1f} GiB": args.gpu_memory / GiB} if args.gpu_memory else CARDS
     fitting = {name: smallest_fitting(config, gpus, gib * GiB) for name, gib in cards.items()}
-    measured = _measure(config, args.measure) if args.measure else None
+    measured = _measure(config, args.measure, args.breakdown) if args.measure else None
     if args.json:
         out = est.to_dict(args.gpu_memory)
         if measured is not None:
@@ -103,6 +106,13 @@ def main(argv=None):
         for kind, gib in measured.items():
             if kind == "resident":
                 continue
+            if kind == "breakdown":
+                for step, b in gib.items():
+                    print(f"  {step} step: {b['peak_above_start_gib']:.3f} GiB above the start at its peak; live then, "
+                          f"by the line that allocated it:")
+                    for site, v in b["live_at_peak_gib"].items():
+                        print(f"    {v * 1024:9.2f} MiB  {site}")
+                continue
             if kind == "error":
                 print(f"  {gib}")
                 continue
@@ -121,7 +131,7 @@ def main(argv=None):
             print(f"    fits: {e.layout.describe()} -> {e.needed / GiB:.1f} GiB  ({e.layout.overrides()})")
 
 
-def _measure(config, iterations: int) -> dict:
+def _measure(config, iterations: int, breakdown: bool = False) -> dict:
     """Measured peaks in GiB per step kind; 'out of memory' where the GPU ran out."""
     import torch
 
@@ -131,7 +141,14 @@ def _measure(config, iterations: int) -> dict:
     if not torch.cuda.is_available():
         sys.exit("error: --measure needs a GPU (the estimate itself needs none)")
     try:
-        return {k: v / GiB for k, v in measure(config, iterations).items()}
+        out = measure(config, iterations, breakdown)
+        sites = out.pop("breakdown", None)
+        out = {k: v / GiB for k, v in out.items()}
+        if sites is not None:
+            out["breakdown"] = {kind: {"peak_above_start_gib": peak / GiB,
+                                       "live_at_peak_gib": {site: b / GiB for site, b in rows}}
+                                for kind, (peak, rows) in sites.items()}
+        return out
     except torch.cuda.OutOfMemoryError as e:
         return {"student": "out of memory", "critic": "out of memory", "error": str(e).splitlines()[0]}
     finally:

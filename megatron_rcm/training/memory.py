@@ -424,7 +424,42 @@ def preflight(config: TrainingConfig, world_size: int, gpu_memory_bytes: float |
                       f"explains the estimate; training.skip_memory_check=true runs anyway)")
 
 
-def measure(config: TrainingConfig, iterations: int = 6) -> dict:
+def _allocation_site(frames: list) -> str:
+    """Where an allocation was made: the innermost frame in this package (file:line function), else the innermost."""
+    for f in frames:
+        if "megatron_rcm" in f.get("filename", ""):
+            path = f["filename"].split("megatron_rcm", 1)[1].lstrip("/")
+            return f"megatron_rcm/{path}:{f.get('line', 0)} {f.get('name', '')}"
+    return f"{frames[0].get('filename', '?').rsplit('/', 1)[-1]}:{frames[0].get('line', 0)} {frames[0].get('name', '')}" \
+        if frames else "(no stack)"
+
+
+def peak_allocations(trace: list[dict], top: int = 12) -> tuple[int, list[tuple[str, int]]]:
+    """(peak bytes above the start, [(site, bytes live at the peak), ...] largest first) of a CUDA caching-allocator
+    trace (`torch.cuda.memory._snapshot()["device_traces"][device]` of one step, recorded with
+    `_record_memory_history`): allocations count from `alloc` to `free_completed`; blocks allocated before the
+    recording started are not in it (they are the step's resident bytes)."""
+    current, peak, peak_at = 0, 0, -1
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            current += e["size"]
+            if current > peak:
+                peak, peak_at = current, i
+        elif e["action"] == "free_completed":
+            current -= e["size"]
+    live: dict = {}
+    for e in trace[:peak_at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], _allocation_site(e.get("frames", [])))
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)  # freed blocks of the earlier part of the step, or of before the recording
+    by_site: dict = {}
+    for size, site in live.values():
+        by_site[site] = by_site.get(site, 0) + size
+    return peak, sorted(by_site.items(), key=lambda kv: -kv[1])[:top]
+
+
+def measure(config: TrainingConfig, iterations: int = 6, breakdown: bool = False) -> dict:
     """Measured peak bytes per step kind on this process's GPU: the real `Trainer.train_step` (what the scale probe
     runs), `torch.cuda.max_memory_allocated` per iteration (reset before each), the largest per kind, leaving out each
     kind's first iteration (Adam's state is created in its first step) where there is a later one. Run it with the
@@ -438,15 +473,25 @@ def measure(config: TrainingConfig, iterations: int = 6) -> dict:
     trainer = Trainer(config)
     peaks: dict = {}
     resident = 0
+    sites: dict = {}
     for it in range(iterations):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         resident = torch.cuda.memory_allocated()
+        record = breakdown and it >= iterations - 2  # the last step of each kind (they alternate)
+        if record:
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
         phase = trainer.train_step(it)["phase"]
         torch.cuda.synchronize()
         peaks.setdefault(phase, []).append(torch.cuda.max_memory_allocated())
+        if record:
+            trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+            torch.cuda.memory._record_memory_history(enabled=None)
+            sites[phase] = peak_allocations(trace)
     out = {phase: max(v[1:] if len(v) > 1 else v) for phase, v in peaks.items()}
     # what stays allocated between steps (weights, optimizer state, workspaces): splits the peaks into the static
     # terms and the activations when an estimate misses
     out["resident"] = resident
+    if breakdown:
+        out["breakdown"] = sites
     return out

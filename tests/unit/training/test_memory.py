@@ -221,15 +221,44 @@ def test_cli_prints_measured_peaks_next_to_the_estimate(capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("estimate_memory", os.path.join(REPO, "tools", "estimate_memory.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    monkeypatch.setattr(tool, "_measure", lambda config, n: {"student": 0.125, "critic": 0.0625, "resident": 0.03125})
+    monkeypatch.setattr(tool, "_measure", lambda config, n, breakdown: {"student": 0.125, "critic": 0.0625, "resident": 0.03125})
     tool.main(["--brief", "--measure", "6"])
     out = capsys.readouterr().out
     est = memory.estimate(load_config(None, []), 1)
     assert "measured between steps (memory_allocated): 0.031 GiB" in out
     assert f"measured peak, student step: 0.125 GiB | estimate {est.peak_gib['student']:.3f} GiB" in out
     assert f"estimate / measured {est.peak_gib['critic'] / 0.0625:.3f}" in out
-    monkeypatch.setattr(tool, "_measure", lambda config, n: {"student": "out of memory", "critic": "out of memory",
+    monkeypatch.setattr(tool, "_measure", lambda config, n, breakdown: {"student": "out of memory", "critic": "out of memory",
                                                              "error": "CUDA out of memory. Tried to allocate 2 GiB"})
     tool.main(["--brief", "--measure", "6"])
     out = capsys.readouterr().out
     assert "measured peak, student step: out of memory" in out and "CUDA out of memory. Tried" in out
+    sites = {"critic": {"peak_above_start_gib": 0.5, "live_at_peak_gib": {"megatron_rcm/models/blocks.py:42 fwd": 0.25}}}
+    monkeypatch.setattr(tool, "_measure", lambda config, n, breakdown: {"critic": 0.0625, "resident": 0.03125,
+                                                                        "breakdown": sites})
+    tool.main(["--brief", "--measure", "6", "--breakdown"])
+    out = capsys.readouterr().out
+    assert "critic step: 0.500 GiB above the start at its peak" in out
+    assert "   256.00 MiB  megatron_rcm/models/blocks.py:42 fwd" in out
+
+
+def test_peak_allocations_replays_the_allocator_trace():
+    """What is live at a step's peak, by allocating line (the trace format of torch.cuda.memory._snapshot)."""
+    here = [{"filename": "/x/site-packages/torch/nn/functional.py", "line": 9, "name": "linear"},
+            {"filename": "/repo/megatron_rcm/models/blocks.py", "line": 42, "name": "forward"}]
+    there = [{"filename": "/repo/megatron_rcm/training/step.py", "line": 7, "name": "student_grad"}]
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": here},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": there},
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "free_completed", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 3, "size": 300, "frames": here},
+        {"action": "alloc", "addr": 4, "size": 20, "frames": []},
+        {"action": "free_completed", "addr": 9, "size": 64},  # a block from before the recording
+        {"action": "free_completed", "addr": 3, "size": 300},
+        {"action": "alloc", "addr": 5, "size": 10, "frames": there},
+    ]
+    peak, rows = memory.peak_allocations(trace)
+    assert peak == 370  # 50 + 300 + 20, before the later frees
+    assert rows == [("megatron_rcm/models/blocks.py:42 forward", 300), ("megatron_rcm/training/step.py:7 student_grad", 50),
+                    ("(no stack)", 20)]

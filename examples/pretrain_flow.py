@@ -73,6 +73,17 @@ def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompt
     return out
 
 
+def architecture(args):
+    """The tiny preset with the command line's overrides."""
+    import dataclasses
+
+    from megatron_rcm.training.config import TINY_SHAPES_MODEL
+
+    changes = {k: v for k, v in (("num_layers", args.num_layers), ("ffn_dim", args.ffn_dim),
+                                 ("num_attention_heads", args.heads)) if v is not None}
+    return dataclasses.replace(TINY_SHAPES_MODEL, **changes)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="examples/assets", help="folder for shapes-teacher/ and shapes-classifier.pt")
@@ -89,6 +100,10 @@ def main():
     p.add_argument("--classifier-steps", type=int, default=250)
     p.add_argument("--eval-guidance", type=float, nargs="*", default=[1.0, 2.0, 3.0, 4.0],
                    help="guidance scales at which the saved teacher's 32-step samples are scored (none: skip)")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="override the tiny preset's blocks (a larger teacher needs a matching preset to be distilled)")
+    p.add_argument("--ffn-dim", type=int, default=None, help="override the tiny preset's MLP width")
+    p.add_argument("--heads", type=int, default=None, help="override the tiny preset's attention heads (of 16 dims)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=0, help="background processes rendering the training batches")
@@ -120,7 +135,7 @@ def main():
     if args.init:
         model = from_pretrained(args.init, params_dtype=torch.float32, device=device)
     else:
-        model = WanModel(TINY_SHAPES_MODEL).to(device)
+        model = WanModel(architecture(args)).to(device)
     ema = PowerEMA(model, args.ema_sigma_rel)
     print(f"teacher: {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)

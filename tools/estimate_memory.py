@@ -46,7 +46,7 @@ def parse_args(argv=None):
                    help="also run N training iterations on this GPU and print the measured peaks")
     p.add_argument("--breakdown", action="store_true",
                    help="with --measure: list what is allocated at each step kind's peak, by the line of code that "
-                        "allocated it (torch's allocation history of the last two iterations)")
+                        "allocated it (torch's allocation history of each kind's last iteration)")
     return p.parse_args(argv)
 
 

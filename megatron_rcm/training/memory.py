@@ -462,8 +462,10 @@ def peak_allocations(trace: list[dict], top: int = 12) -> tuple[int, list[tuple[
 def measure(config: TrainingConfig, iterations: int = 6, breakdown: bool = False) -> dict:
     """Measured peak bytes per step kind on this process's GPU: the real `Trainer.train_step` (what the scale probe
     runs), `torch.cuda.max_memory_allocated` per iteration (reset before each), the largest per kind, leaving out each
-    kind's first iteration (Adam's state is created in its first step) where there is a later one. Run it with the
-    world size of the estimate (e.g. under torchrun)."""
+    kind's first iteration (Adam's state is created in its first step) where there is a later one; 'resident': what
+    was allocated before the last step; with `breakdown`, 'breakdown': per step kind the `peak_allocations` of its
+    last step (the allocation history is recorded from the second iteration on). Run it with the world size of the
+    estimate (e.g. under torchrun)."""
     import torch
 
     from megatron_rcm.training.trainer import Trainer
@@ -478,9 +480,9 @@ def measure(config: TrainingConfig, iterations: int = 6, breakdown: bool = False
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         resident = torch.cuda.memory_allocated()
-        record = breakdown and it >= iterations - 2  # the last step of each kind (they alternate)
+        record = breakdown and it > 0  # each kind's latest step is kept
         if record:
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python", clear_history=True)
         phase = trainer.train_step(it)["phase"]
         torch.cuda.synchronize()
         peaks.setdefault(phase, []).append(torch.cuda.max_memory_allocated())

@@ -8,10 +8,10 @@ setup(
     description="rCM (score-regularized continuous-time consistency) distillation of Wan2.1 and "
     "Cosmos-Predict2 DiTs with megatron-core tensor/sequence/context/pipeline parallelism",
     python_requires=">=3.12",
-    packages=find_packages(include=["megatron_rcm", "megatron_rcm.*"]) + ["rcm_kernels"],
-    # The Triton kernels live in the top-level folder `kernels/` but import as `rcm_kernels`:
-    # a module named `kernels` would shadow the PyPI package of that name, which transformers probes.
-    package_dir={"rcm_kernels": "kernels"},
+    # The Triton kernels are the top-level package `rcm_kernels`: nothing at the repository root may be named
+    # `kernels`, since `python -m pytest` / `python -m ...` put the root on sys.path and such a folder would shadow
+    # the PyPI package `kernels`, which transformers imports.
+    packages=find_packages(include=["megatron_rcm", "megatron_rcm.*", "rcm_kernels"]),
     install_requires=[
         "torch>=2.6,<2.15",
         "megatron-core>=0.19,<0.20",

@@ -183,7 +183,7 @@ class KernelsConfig:
     """Which CUDA kernels and fusions the DiT uses (CPU runs use none of them). Each key has an environment variable,
     `RCM_<KEY>` in capitals (`RCM_ATTENTION_BACKEND`, `RCM_FUSION`, ...), that overrides it when set, so that a timing
     run can flip one without a config; `apply_kernels_config` exports the keys the environment does not set, for
-    the modules that read them (models/attention.py, models/fusion.py, models/blocks.py, kernels/)."""
+    the modules that read them (models/attention.py, models/fusion.py, models/blocks.py, rcm_kernels/)."""
 
     attention_backend: str = "auto"
     """Plain (non-JVP) half-precision attention on CUDA: `auto` (FlashAttention-3 on Hopper when installed, else SDPA
@@ -199,7 +199,7 @@ class KernelsConfig:
     gelu_epilogue: bool = True
     """GELU fused into the MLP's first GEMM epilogue."""
     jvp_kernel_config: str = ""
-    """Launch configuration of the FlashAttention JVP kernel (`kernels/flash_attention_jvp.py` `parse_config`
+    """Launch configuration of the FlashAttention JVP kernel (`rcm_kernels/flash_attention_jvp.py` `parse_config`
     syntax); empty: the built-in rule."""
     jvp_warp_specialized: bool = True
     """Use the warp-specialised Hopper JVP kernel on sm_90 (false: the portable kernel)."""

@@ -40,7 +40,7 @@ PROBE = ["run_dir=runs/scale-probe", "model.preset=wan2.1-t2v-1.3b", "model.teac
          "checkpoint.save_on_signal=false"]
 
 # Kernel kinds by name, first match wins (cutlass FMHA kernels are attention, not GEMM; `_jvp_fwd` names the
-# JVP attention kernels of kernels/flash_attention_jvp*.py, which are Triton / Gluon but counted as attention).
+# JVP attention kernels of rcm_kernels/flash_attention_jvp*.py, which are Triton / Gluon but counted as attention).
 KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn", "_jvp_fwd")),
                 ("GEMM", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")),
                 ("Triton", ("triton_",)))

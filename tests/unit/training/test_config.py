@@ -128,7 +128,7 @@ def test_kernels_section_sets_the_switches_and_the_environment_overrides(monkeyp
     # every key is read under its RCM_ name by the package or the kernels
     repo = os.path.join(CONFIGS, "..", "..")
     files = glob.glob(os.path.join(repo, "megatron_rcm", "**", "*.py"), recursive=True)
-    sources = "".join(open(p).read() for p in files + glob.glob(os.path.join(repo, "kernels", "*.py")))
+    sources = "".join(open(p).read() for p in files + glob.glob(os.path.join(repo, "rcm_kernels", "*.py")))
     for f in dataclasses.fields(KernelsConfig):
         assert f'"RCM_{f.name.upper()}"' in sources, f.name
 

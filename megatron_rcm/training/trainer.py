@@ -13,8 +13,10 @@ CPU and CUDA.
 """
 
 import os
+import shlex
 import shutil
 import signal
+import sys
 import time
 
 import torch
@@ -161,6 +163,21 @@ def check_resume(config: TrainingConfig, path: str) -> list[str]:
         raise ConfigError(f"checkpoint {path} was written with a different configuration ({'; '.join(changed)}); "
                           f"set training.allow_config_change=true to continue anyway, or use a new run_dir")
     return changed
+
+
+def launch_command(argv: list[str] | None = None, env=None) -> str:
+    """The command line of this run as one would type it again (the exported model card's "Trained with"): torchrun
+    with this node's process count (and the node count) when torchrun started the process, whose own arguments the
+    workers cannot see; else python. The script's path is made relative to the working directory."""
+    argv = list(sys.argv if argv is None else argv)
+    env = os.environ if env is None else env
+    if argv and os.path.isabs(argv[0]):
+        argv[0] = os.path.relpath(argv[0])
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return shlex.join(["python", *argv])
+    local, world = int(env.get("LOCAL_WORLD_SIZE", 1)), int(env.get("WORLD_SIZE", 1))
+    nodes = [f"--nnodes={world // local}"] if world > local else []
+    return shlex.join(["torchrun", *nodes, f"--nproc_per_node={local}", *argv])
 
 
 class Trainer:
@@ -378,7 +395,7 @@ class Trainer:
         c = self.config
         meta = {"parallel": self._layout(), "data_parallel_size": self.dp_size, "model": self.arch.name,
                 "model_config": config_to_dict(self.model_config), "params_dtype": c.model.params_dtype,
-                "timestep_scale": self.model_config.timestep_scale}
+                "timestep_scale": self.model_config.timestep_scale, "command": launch_command()}
         rank_state = {"rng": checkpointing.rng_state(), "data": self.batches.state_dict(), "dp_rank": self.dp_rank}
         t0 = time.time()
         path = checkpointing.save(c.run_dir, self.iteration, self._collect, rank_state, meta, dump_config(c),

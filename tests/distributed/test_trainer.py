@@ -4,6 +4,7 @@ NaN-loss skipping, bad input, generate.py's mp4, and 2 DP ranks = 1 rank with gr
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -87,6 +88,9 @@ def test_tiny_default_end_to_end(tiny_run):
     assert sorted(os.listdir(os.path.join(ckpt, "iter_0000008", "ranks"))) == ["rank_00000.json", "rank_00001.json"]
     assert not [f for root, _, files in os.walk(ckpt) for f in files if f.endswith((".pt", ".pth", ".pkl"))]
     assert "train_iters: 8" in open(os.path.join(ckpt, "iter_0000008", "config.yaml")).read()
+    command = json.load(open(os.path.join(ckpt, "iter_0000008", "meta.json")))["command"]
+    assert command.startswith("torchrun --nproc_per_node=2 ") and "examples/pretrain_rcm.py" in command
+    assert command.endswith(shlex.join([*SHORT, f"run_dir={run_dir}"]))
     assert os.path.isfile(os.path.join(run_dir, "ema", "megatron_rcm.json"))
 
 

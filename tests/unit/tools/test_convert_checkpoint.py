@@ -126,7 +126,8 @@ def test_training_checkpoint_exports_a_pipeline_with_its_card(capsys, tmp_path):
                   "model": {"teacher": "teachers/wan-tiny"}}
     write_training_checkpoint(tmp_path / "run", 600, TINY, {
         **{f"ema.shadow.{k}": v for k, v in ema.items()},
-        **{f"student.model.{k}": v.detach() for k, v in net.named_parameters()}}, run_config)
+        **{f"student.model.{k}": v.detach() for k, v in net.named_parameters()}}, run_config,
+        meta={"command": "torchrun --nproc_per_node=8 examples/pretrain_rcm.py --config wan.yaml"})
     out = tmp_path / "export"
     code, err = run(capsys, "mcore-to-hf", "--model", "wan", "--base-pipeline", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
                     "--input", str(tmp_path / "run"), "--output", str(out))
@@ -135,7 +136,8 @@ def test_training_checkpoint_exports_a_pipeline_with_its_card(capsys, tmp_path):
     assert sched["sigma_max"] == 160.0 and sched["mid_times"] == [1.4, 0.9]
     card = (out / "README.md").read_text()
     for fact in ("Training iterations: 600", "lambda (DMD weight / sCM weight): 0.02", "teacher `teachers/wan-tiny`",
-                 "Sampling steps: 1-3", "the EMA network", "convert_checkpoint.py mcore-to-hf"):
+                 "Sampling steps: 1-3", "the EMA network", "convert_checkpoint.py mcore-to-hf",
+                 "Trained with: `torchrun --nproc_per_node=8 examples/pretrain_rcm.py --config wan.yaml`"):
         assert fact in card, fact
     from megatron_rcm.checkpoint import wan as wan_keys
 

@@ -107,3 +107,15 @@ def test_an_old_format_checkpoint_is_refused_in_one_line(tmp_path):
                                                             r"torch pickles, mp_rank_\*\.pt\)"):
         checkpointing.resolve(str(tmp_path))
     assert checkpointing.complete_checkpoints(root) == ["iter_0000002", "iter_0000004"]
+
+
+def test_launch_command_is_what_one_types_again():
+    """meta.json's `command` (the exported model card's "Trained with")."""
+    from megatron_rcm.training.trainer import launch_command
+
+    argv = [os.path.abspath("examples/pretrain_rcm.py"), "--config", "a b.yaml", "training.nan_iterations=[5]"]
+    assert launch_command(argv, {}) == "python examples/pretrain_rcm.py --config 'a b.yaml' 'training.nan_iterations=[5]'"
+    one_node = {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "2"}
+    assert launch_command(argv[:1], one_node) == "torchrun --nproc_per_node=2 examples/pretrain_rcm.py"
+    nodes = {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "64"}
+    assert launch_command(argv[:1], nodes) == "torchrun --nnodes=8 --nproc_per_node=8 examples/pretrain_rcm.py"

@@ -159,6 +159,9 @@ class LoggingConfig:
     teacher_shift: float = 1.0
     classifier: str = "examples/assets/shapes-classifier.pt"
     """Prompt-alignment classifier of the shapes set (made by examples/pretrain_flow.py)."""
+    pass_timers: str = "events"
+    """Per-pass times (`time/<pass>`) on CUDA: `events` (GPU time between CUDA events, read once per step; no stall
+    between passes) or `sync` (synchronise around every pass and take the wall time)."""
 
 
 @dataclass
@@ -407,6 +410,8 @@ def check_ranges(config: TrainingConfig) -> None:
         raise ConfigError(f"logging.teacher_shift must be > 0, got {config.logging.teacher_shift!r}")
     if not config.logging.eval_student_steps:
         raise ConfigError("logging.eval_student_steps must name at least one step count, got []")
+    if config.logging.pass_timers not in ("events", "sync"):
+        raise ConfigError(f"logging.pass_timers must be events or sync, got {config.logging.pass_timers!r}")
     if config.parallel.pp_schedule not in ("auto", "megatron", "gloo"):
         raise ConfigError(f"parallel.pp_schedule must be auto, megatron or gloo, got "
                           f"{config.parallel.pp_schedule!r}")

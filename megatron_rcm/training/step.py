@@ -149,8 +149,12 @@ class RCMStep:
 
     def __init__(self, config: D.RCMConfig, schedule: D.PhaseSchedule, teacher, student, critic=None,
                  student_train=None, critic_train=None, neg_text=None, cp_group=None, *, timestep_scale: float,
-                 pipeline=None):
+                 pipeline=None, pass_timers: str = "events"):
         self.config, self.schedule, self.neg_text = config, schedule, neg_text
+        if pass_timers not in ("events", "sync"):
+            raise ValueError(f"pass_timers must be 'events' or 'sync', got {pass_timers!r}")
+        self.pass_timers = pass_timers
+        self._events: list = []
         self.timestep_scale = timestep_scale
         self.teacher, self.student, self.critic = teacher, student, critic
         self.student_train = student_train if student_train is not None else student
@@ -170,9 +174,11 @@ class RCMStep:
 
     @contextlib.contextmanager
     def timed(self, name: str):
-        """Add the wall time of the block to pass `name` (CUDA synchronised before and after, so that the time is
-        the pass's and not the launch's). Inside a pipelined round's coroutine it only names the pass: the
-        schedule times the rounds (`schedules.run_lockstep`)."""
+        """Add the time of the block to pass `name`. On CUDA (`pass_timers="events"`) the GPU time between two
+        CUDA events recorded around it, read in `pop_times`, so that timing does not stall the launch queue between
+        passes; `"sync"` synchronises before and after instead and takes the wall time (what the per-pass numbers
+        of benchmarks/RESULTS.md before 2026-12-04 used); on the CPU the wall time. Inside a pipelined round's
+        coroutine it only names the pass: the schedule times the rounds (`schedules.run_lockstep`)."""
         coroutine = schedules.current_coroutine()
         if coroutine is not None:
             coroutine.passes.append(name)
@@ -180,6 +186,15 @@ class RCMStep:
                 yield
             finally:
                 coroutine.passes.pop()
+            return
+        if torch.cuda.is_available() and self.pass_timers == "events":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._events.append((name, start, end))
             return
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
@@ -191,7 +206,11 @@ class RCMStep:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
     def pop_times(self) -> dict[str, float]:
-        """The seconds per pass since the last call, then reset."""
+        """The seconds per pass since the last call, then reset (waits for the passes' CUDA events)."""
+        for name, start, end in self._events:
+            end.synchronize()
+            self.times[name] = self.times.get(name, 0.0) + start.elapsed_time(end) / 1e3
+        self._events = []
         out, self.times = self.times, {}
         return out
 

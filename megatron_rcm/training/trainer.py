@@ -224,7 +224,7 @@ class Trainer:
                             None if self.critic is None else self.critic.module, student_train=self.student.wrapped,
                             critic_train=None if self.critic is None else self.critic.wrapped, neg_text=self.neg_text,
                             cp_group=state.cp_group(), timestep_scale=self.model_config.timestep_scale,
-                            pipeline=self._pipeline_schedule())
+                            pipeline=self._pipeline_schedule(), pass_timers=c.logging.pass_timers)
         self.iteration = 0
         self.evaluator = None
         self._signal_received = False  # set by the signal handler, at any time

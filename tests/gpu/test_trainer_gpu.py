@@ -100,6 +100,22 @@ def test_megatron_path_on_gpu_matches_the_cpu_path(tmp_path, megatron_run):
         assert other[k] != pytest.approx(megatron_run[1][k], rel=1e-3), (k, other[k])
 
 
+def test_pass_timers_by_cuda_events_match_synchronised_ones(tmp_path, megatron_run):
+    """`logging.pass_timers=events` (the default, used by megatron_run) times every pass `sync` times, each a GPU
+    time that fits in its iteration, and the losses do not depend on the timers."""
+    _train(str(tmp_path / "sync"), 1, ["training.train_iters=6", "parallel.grad_sync=megatron",
+                                       "parallel.use_distributed_optimizer=true", "logging.pass_timers=sync",
+                                       "checkpoint.save_at_end=false"])
+    synced = read_metrics(tmp_path / "sync")
+    _assert_same_losses(megatron_run, synced, range(1, 4), rel=1e-4)  # as two runs of one path (above)
+    _assert_same_losses(megatron_run, synced, range(4, 7), rel=1e-2)
+    for i in range(2, 7):
+        events = {k: v for k, v in megatron_run[i].items() if k.startswith("time/")}
+        walls = {k: v for k, v in synced[i].items() if k.startswith("time/")}
+        assert set(events) == set(walls) and events, (i, events, walls)
+        assert all(v > 0 for v in events.values()), events
+
+
 def test_two_gpus_equal_one_gpu_with_gradient_accumulation(tmp_path):
     _need(2)
     _train(str(tmp_path / "one"), 1, ["training.train_iters=6", "parallel.grad_sync=megatron"])

@@ -53,6 +53,7 @@ def test_overrides_parse_types_and_nest():
     ("training.train_iters=abc", "training.train_iters: expected an integer"),
     ("rcm.rollout_steps_sampling=random", "rollout_steps_sampling"),
     ("training.train_iters", "not of the form"),
+    ("logging.pass_timers=wall", "logging.pass_timers must be events or sync, got 'wall'"),
 ])
 def test_bad_overrides_are_errors(override, message):
     with pytest.raises(ConfigError) as e:

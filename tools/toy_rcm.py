@@ -372,6 +372,7 @@ def main(argv=None):
                              "them; on 2 cores 3 processes finish sooner than 2); the JSON does not depend on it")
     parser.add_argument("--out", type=str, default=None, help="JSON of the results (identical for identical arguments)")
     parser.add_argument("--worker-seed", type=int, default=None, help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -385,7 +386,7 @@ def main(argv=None):
     load_start = os.getloadavg()[0]
     data = sample_data(args.eval_samples, torch.Generator().manual_seed(args.seed + 99)).double()
     result = {
-        "command": " ".join(["tools/toy_rcm.py", *_result_argv(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["tools/toy_rcm.py", *_result_argv(argv)]),
         "machine": f"CPU ({platform.processor() or platform.machine()}), torch threads {args.threads} per seed",
         "torch": torch.__version__,
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "jobs", "worker_seed")},
@@ -395,12 +396,12 @@ def main(argv=None):
     seeds = list(range(args.seed, args.seed + args.seeds))
     jobs = min(args.jobs or len(seeds), len(seeds))
     if jobs > 1:
-        outs = _run_seeds_in_processes(argv if argv is not None else sys.argv[1:], seeds, jobs)
+        outs = _run_seeds_in_processes(argv, seeds, jobs)
     else:
         outs = [run_seed(args, seed) for seed in seeds]
     per_seed = [r for r, _ in outs]
     timings = {f"seed {seed}": t for seed, (_, t) in zip(seeds, outs)}
-    result["seeds"] = {str(s): r for s, r in zip(range(args.seed, args.seed + args.seeds), per_seed)}
+    result["seeds"] = {str(s): r for s, r in zip(seeds, per_seed)}
     result["summary"] = summarize(per_seed)
     # wall-clock numbers go to stderr only, so that the JSON is a function of the arguments
     timings["total_s"] = round(time.perf_counter() - t_start, 1)

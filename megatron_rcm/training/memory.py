@@ -459,6 +459,15 @@ def peak_allocations(trace: list[dict], top: int = 12) -> tuple[int, list[tuple[
     return peak, sorted(by_site.items(), key=lambda kv: -kv[1])[:top]
 
 
+def _record_allocations(torch) -> None:
+    """Start torch's allocation history afresh (with Python stacks), for `peak_allocations`."""
+    try:
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python", clear_history=True)
+    except TypeError:  # a torch without `clear_history`: stopping the recording clears it
+        torch.cuda.memory._record_memory_history(enabled=None)
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+
+
 def measure(config: TrainingConfig, iterations: int = 6, breakdown: bool = False) -> dict:
     """Measured peak bytes per step kind on this process's GPU: the real `Trainer.train_step` (what the scale probe
     runs), `torch.cuda.max_memory_allocated` per iteration (reset before each), the largest per kind, leaving out each
@@ -482,7 +491,7 @@ def measure(config: TrainingConfig, iterations: int = 6, breakdown: bool = False
         resident = torch.cuda.memory_allocated()
         record = breakdown and it > 0  # each kind's latest step is kept
         if record:
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python", clear_history=True)
+            _record_allocations(torch)
         phase = trainer.train_step(it)["phase"]
         torch.cuda.synchronize()
         peaks.setdefault(phase, []).append(torch.cuda.max_memory_allocated())

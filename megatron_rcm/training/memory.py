@@ -463,7 +463,7 @@ def _record_allocations(torch) -> None:
     """Start torch's allocation history afresh (with Python stacks), for `peak_allocations`."""
     try:
         torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python", clear_history=True)
-    except TypeError:  # a torch without `clear_history`: stopping the recording clears it
+    except TypeError:  # an older torch without `clear_history`: stop and start again (may keep older entries)
         torch.cuda.memory._record_memory_history(enabled=None)
         torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
 

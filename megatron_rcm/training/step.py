@@ -151,9 +151,7 @@ class RCMStep:
                  student_train=None, critic_train=None, neg_text=None, cp_group=None, *, timestep_scale: float,
                  pipeline=None, pass_timers: str = "events"):
         self.config, self.schedule, self.neg_text = config, schedule, neg_text
-        if pass_timers not in ("events", "sync"):
-            raise ValueError(f"pass_timers must be 'events' or 'sync', got {pass_timers!r}")
-        self.pass_timers = pass_timers
+        self.pass_timers = pass_timers  # `logging.pass_timers`, checked with the config
         self._events: list = []
         self.timestep_scale = timestep_scale
         self.teacher, self.student, self.critic = teacher, student, critic

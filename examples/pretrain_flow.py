@@ -69,7 +69,9 @@ def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompt
     out = {}
     for w in guidances:
         x = teacher_sample(teacher, noise, text, steps, "unipc", 1.0, w, neg).float().cpu()
+        per_attribute = shapes.attribute_accuracy(clf, x, prompts)
         out[f"alignment_cfg{w:g}"] = round(shapes.alignment_score(clf, x, prompts), 4)
+        out[f"attributes_cfg{w:g}"] = {k: round(v, 3) for k, v in per_attribute.items()}
     return out
 
 
@@ -80,7 +82,8 @@ def architecture(args):
     from megatron_rcm.training.config import TINY_SHAPES_MODEL
 
     changes = {k: v for k, v in (("num_layers", args.num_layers), ("ffn_dim", args.ffn_dim),
-                                 ("num_attention_heads", args.heads)) if v is not None}
+                                 ("num_attention_heads", args.heads), ("attention_head_dim", args.head_dim))
+               if v is not None}
     return dataclasses.replace(TINY_SHAPES_MODEL, **changes)
 
 
@@ -103,7 +106,10 @@ def main():
     p.add_argument("--num-layers", type=int, default=None,
                    help="override the tiny preset's blocks (a larger teacher needs a matching preset to be distilled)")
     p.add_argument("--ffn-dim", type=int, default=None, help="override the tiny preset's MLP width")
-    p.add_argument("--heads", type=int, default=None, help="override the tiny preset's attention heads (of 16 dims)")
+    p.add_argument("--heads", type=int, default=None, help="override the tiny preset's attention heads")
+    p.add_argument("--head-dim", type=int, default=None,
+                   help="override the tiny preset's channels per head (16; the width is heads x head dim, and RoPE "
+                        "gives each of the frame, height and width axes a third of a head's channels)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=0, help="background processes rendering the training batches")

@@ -256,18 +256,21 @@ def run_seed(args, seed: int) -> tuple[dict, dict]:
             "unipc-16": metrics(teacher_sample(teacher, noise, None, 16, "unipc"), data),
             "unipc-4": metrics(teacher_sample(teacher, noise, None, 4, "unipc"), data),
         }
+    # name -> (config, seed offset); each run's offset is fixed, so a run draws the same numbers whichever other
+    # methods run beside it
     runs = {}
     if "scm" in args.methods:
-        runs["sCM"] = RCMConfig(scm_weight=1.0, dmd_weight=0.0, **base)
+        runs["sCM"] = RCMConfig(scm_weight=1.0, dmd_weight=0.0, **base), 1
     if "dmd" in args.methods:
-        runs["DMD"] = RCMConfig(scm_weight=0.0, dmd_weight=args.dmd_weight, **{**base, "tangent_warmup": 0})
+        runs["DMD"] = RCMConfig(scm_weight=0.0, dmd_weight=args.dmd_weight, **{**base, "tangent_warmup": 0}), 2
     if "rcm" in args.methods:
-        for lam in args.lambdas:
-            runs[f"rCM (lambda={lam:g})"] = RCMConfig(scm_weight=1.0, dmd_weight=lam, **base)
+        for j, lam in enumerate(args.lambdas):
+            runs[f"rCM (lambda={lam:g})"] = RCMConfig(scm_weight=1.0, dmd_weight=lam, **base), 3 + j
     result["students"] = {}
-    for i, (name, config) in enumerate(runs.items()):
+    for name, (config, offset) in runs.items():
         t0 = time.perf_counter()
-        net, iters = distill(teacher_net, config, args.student_steps, args.batch, args.lr, args.critic_lr, seed + 1 + i)
+        net, iters = distill(teacher_net, config, args.student_steps, args.batch, args.lr, args.critic_lr,
+                             seed + offset)
         timings[f"{name}_s"] = round(time.perf_counter() - t0, 1)
         result["students"][name] = {
             "config": {k: v for k, v in asdict(config).items()

@@ -41,3 +41,12 @@ def test_a_different_first_seed_changes_the_result(toy, capsys):
     capsys.readouterr()
     assert a["seeds"]["0"]["teacher"] != b["seeds"]["1"]["teacher"]
     assert b["seeds"]["1"]["teacher"] == toy.main([*SHORT, "--seeds", "2", "--methods", "teacher"])["seeds"]["1"]["teacher"]
+
+
+def test_a_method_draws_the_same_numbers_whichever_methods_run_beside_it(toy, capsys):
+    both = toy.main([*SHORT, "--seeds", "1", "--methods", "scm", "rcm"])
+    alone = toy.main([*SHORT, "--seeds", "1", "--methods", "rcm"])
+    capsys.readouterr()
+    name = "rCM (lambda=0.01)"
+    assert alone["seeds"]["0"]["students"][name] == both["seeds"]["0"]["students"][name]
+    assert both["seeds"]["0"]["students"]["sCM"]["1-step"] != both["seeds"]["0"]["students"][name]["1-step"]

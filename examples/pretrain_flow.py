@@ -72,6 +72,7 @@ def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompt
         per_attribute = shapes.attribute_accuracy(clf, x, prompts)
         out[f"alignment_cfg{w:g}"] = round(shapes.alignment_score(clf, x, prompts), 4)
         out[f"attributes_cfg{w:g}"] = {k: round(v, 3) for k, v in per_attribute.items()}
+        out[f"travel_cfg{w:g}"] = round(shapes.travel(x, prompts), 3)
     return out
 
 

@@ -279,6 +279,23 @@ def off_palette_share(videos: torch.Tensor, tolerance: float = 0.25) -> float:
     return far.float().mean().item()
 
 
+@torch.no_grad()
+def travel(videos: torch.Tensor, captions: list[str], threshold: float = 0.5) -> float:
+    """Mean speed, in pixels per frame, at which the shape of `[N, 3, T, H, W]` videos moves along its captioned
+    direction: the least-squares slope over frames of the centroid of the pixels brighter than `threshold` (max over
+    the channels), projected on the direction. The data gives `ShapesConfig.speed` (1); a sample that repeats one
+    frame, or whose shape wanders at random, gives ~0, however well the classifier scores its colour."""
+    mask = (videos.float().abs().amax(dim=1) > threshold).float()  # [N, T, H, W]
+    n, frames, height, width = mask.shape
+    mass = mask.sum(dim=(2, 3)).clamp(min=1.0)
+    rows = (mask * torch.arange(height, dtype=torch.float32)[:, None]).sum(dim=(2, 3)) / mass
+    cols = (mask * torch.arange(width, dtype=torch.float32)[None, :]).sum(dim=(2, 3)) / mass
+    step = torch.tensor([DIRECTIONS[parse_caption(c)[2]] for c in captions], dtype=torch.float32)  # [N, 2]
+    along = rows * step[:, :1] + cols * step[:, 1:]  # [N, T]
+    f = torch.arange(frames, dtype=torch.float32) - (frames - 1) / 2
+    return ((along * f).sum(dim=1) / (f * f).sum()).mean().item()
+
+
 def eval_prompts(n: int) -> list[str]:
     """`n` captions cycling through all prompts in a fixed order."""
     return [caption(*PROMPTS[(i * 7) % len(PROMPTS)]) for i in range(n)]
@@ -287,4 +304,4 @@ def eval_prompts(n: int) -> list[str]:
 __all__ = ["ATTRIBUTES", "COLORS", "DIRECTIONS", "PROMPTS", "SHAPES", "ShapesClassifier", "ShapesConfig",
            "ShapesDataset", "ShapesTextEncoder", "alignment_score", "attribute_accuracy", "caption", "eval_prompts",
            "feature_distance", "feature_spread", "features", "off_palette_share", "parse_caption", "render",
-           "render_at", "start_position", "train_classifier"]
+           "render_at", "start_position", "train_classifier", "travel"]

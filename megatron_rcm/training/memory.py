@@ -69,9 +69,14 @@ MATH_ATTENTION_DTYPES = ("float32", "float64")
 precision): the path keeps each block's softmax probabilities (query tokens x keys x heads) for the backward, in
 float32 (float64 for float64)."""
 CUBLAS_WORKSPACE_BYTES = 8 * 4096 * 1024
-"""cuBLAS workspace of the compute stream, allocated through torch's caching allocator on the first matmul and kept:
-torch's default CUBLAS_WORKSPACE_CONFIG on Hopper (sm90) is `:4096:8` (8 x 4096 KiB; `:4096:2:16:8`, about 8 MiB,
-on other GPUs; cuBLASLt shares it). Counted once per GPU: the passes run on one stream."""
+"""One cuBLAS workspace, allocated through torch's caching allocator on a handle's first matmul and kept: torch's
+default CUBLAS_WORKSPACE_CONFIG on Hopper (sm90) is `:4096:8` (8 x 4096 KiB; `:4096:2:16:8`, about 8 MiB, on other
+GPUs; cuBLASLt shares it)."""
+CUBLAS_WORKSPACES = 2
+"""Workspaces per GPU: torch keeps one per (cuBLAS handle, stream), and handles are per thread. The passes run on
+one stream, but autograd runs a CUDA backward on its own device thread, so the forward (and JVP) matmuls of the
+main thread and the backward's matmuls hold one workspace each. Not yet seen on a GPU in isolation: the tiny
+default's ~25-40 MiB beyond the other terms is what it would explain (benchmarks/RESULTS.md)."""
 ALLOCATOR_OVERHEAD = 0.08
 CUDA_CONTEXT_GIB = 0.75
 """Fit verdict: peak allocated + fragmentation (reserved - allocated) + CUDA context and library workspaces."""
@@ -272,7 +277,7 @@ def _static(config: TrainingConfig, table: ParamTable, lay: Layout, stage: int) 
             "critic_weights": weights if config.rcm.uses_dmd else 0.0,
             "ema_weights": weights, "ema_fp32_shadow": n * 4,
             "gradient_buffers": trained * grads, "fp32_main_params": trained * main / shard,
-            "adam_state": trained * adam / shard, "cublas_workspace": CUBLAS_WORKSPACE_BYTES}
+            "adam_state": trained * adam / shard, "cublas_workspace": CUBLAS_WORKSPACES * CUBLAS_WORKSPACE_BYTES}
 
 
 def _ring_attention(config: TrainingConfig, lay: Layout, heads: int) -> bool:

@@ -26,6 +26,7 @@ def test_overrides_reach_the_saved_teacher_and_the_score_is_per_attribute(tmp_pa
         per_attribute = scores[f"attributes_cfg{w}"]
         assert sorted(per_attribute) == ["color", "direction", "shape"]
         assert abs(sum(per_attribute.values()) / 3 - scores[f"alignment_cfg{w}"]) < 2e-3
+        assert abs(scores[f"travel_cfg{w}"]) < 5  # pixels per frame, in a 16-pixel frame
     from megatron_rcm.models import from_pretrained
 
     initialize_parallel(backend="gloo")

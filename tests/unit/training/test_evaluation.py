@@ -16,7 +16,8 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 SHORT = ["training.train_iters=6", "rcm.tangent_warmup=2", "logging.eval_interval=6", "logging.eval_samples=12",
          "logging.teacher_eval_steps=3", "checkpoint.save_at_end=false", "checkpoint.save_interval=0",
          "training.global_batch_size=4", "training.micro_batch_size=4"]
-FIELDS = ("alignment", "feature_distance", "feature_distance_to_data", "spread", "spread_ratio", "off_palette")
+FIELDS = ("alignment", "feature_distance", "feature_distance_to_data", "spread", "spread_ratio", "off_palette",
+          "travel")
 
 
 def _eval_scalars(run_dir):
@@ -46,7 +47,7 @@ def two_runs(tmp_path_factory):
 def test_shortened_tiny_default_logs_every_field_and_is_deterministic(two_runs):
     a, b = two_runs
     expected = {f"eval/teacher/{k}" for k in ("alignment", "feature_distance_to_data", "spread", "data_spread",
-                                              "data_alignment", "off_palette")}
+                                              "data_alignment", "off_palette", "travel")}
     expected |= {f"eval/{net}/{k}_{n}step" for net in ("ema", "student") for k in FIELDS for n in (1, 2, 4)}
     assert expected <= set(a), expected - set(a)
     assert a == b  # same seed: the same numbers, to the last bit
@@ -93,3 +94,16 @@ def test_off_palette_share_is_zero_on_data_and_counts_speckle():
     noisy = videos.clone()
     noisy[:, :, :, :8] = 0.5  # half of every frame grey-ish: 0.5 from the background, off every colour
     assert shapes.off_palette_share(noisy) == pytest.approx(0.5)
+
+
+def test_travel_is_the_data_speed_on_data_and_zero_for_a_still_shape():
+    config = shapes.ShapesConfig()
+    videos, captions = shapes.ShapesDataset(config, seed=3).batch(range(16))
+    assert shapes.travel(videos, captions) == pytest.approx(config.speed, abs=1e-5)
+    assert shapes.travel(videos.flip(2), captions) == pytest.approx(-config.speed, abs=1e-5)  # played backwards
+    still = videos[:, :, :1].expand_as(videos)
+    assert shapes.travel(still, captions) == pytest.approx(0.0, abs=1e-5)
+    # the caption decides the sign: the same videos under the opposite directions move at -speed
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    flipped = [shapes.caption(c, s, opposite[d]) for c, s, d in map(shapes.parse_caption, captions)]
+    assert shapes.travel(videos, flipped) == pytest.approx(-config.speed, abs=1e-5)

@@ -25,12 +25,14 @@ import torch
 class TeacherBatches(torch.utils.data.Dataset):
     """Item `it`: the clean videos, text embeddings and flow-matching draws of iteration `it`."""
 
-    def __init__(self, data_config, text_dim: int, batch_size: int, caption_dropout: float, seed: int, length: int):
+    def __init__(self, data_config, text_dim: int, batch_size: int, caption_dropout: float, seed: int, length: int,
+                 logit_mean: float = 0.0):
         from megatron_rcm.data.shapes import ShapesDataset, ShapesTextEncoder
 
         self.dataset = ShapesDataset(data_config, seed=seed)
         self.encoder = ShapesTextEncoder(dim=text_dim)
         self.batch_size, self.caption_dropout, self.seed, self.length = batch_size, caption_dropout, seed, length
+        self.logit_mean = logit_mean
 
     def __len__(self):
         return self.length
@@ -42,7 +44,7 @@ class TeacherBatches(torch.utils.data.Dataset):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + it)
         text[torch.rand(b, generator=gen) < self.caption_dropout] = 0.0
         # rectified-flow times: logit-normal (SD3) mixed with uniform, so that both ends are trained
-        s = torch.sigmoid(torch.randn(b, generator=gen))
+        s = torch.sigmoid(torch.randn(b, generator=gen) + self.logit_mean)
         s = torch.where(torch.rand(b, generator=gen) < 0.2, torch.rand(b, generator=gen), s)
         eps = torch.randn(x0.shape, generator=gen)
         return x0, text, s, eps
@@ -100,6 +102,8 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema-sigma-rel", type=float, default=0.05, help="relative width of the saved power EMA")
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--logit-mean", type=float, default=0.0,
+                   help="location of the logit-normal training times (negative: more of them at low noise)")
     p.add_argument("--init", default="", help="start from this teacher checkpoint instead of random weights")
     p.add_argument("--classifier-steps", type=int, default=250)
     p.add_argument("--eval-guidance", type=float, nargs="*", default=[1.0, 2.0, 3.0, 4.0],
@@ -147,7 +151,7 @@ def main():
     print(f"teacher: {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     batches = TeacherBatches(TINY_SHAPES_DATA, TINY_SHAPES_MODEL.text_dim, args.batch_size, args.caption_dropout,
-                             args.seed, args.iterations)
+                             args.seed, args.iterations, args.logit_mean)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
                                          prefetch_factor=8 if args.workers else None)
     t0 = time.time()

@@ -71,8 +71,8 @@ def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompt
     out = {}
     for w in guidances:
         x = teacher_sample(teacher, noise, text, steps, "unipc", 1.0, w, neg).float().cpu()
-        per_attribute = shapes.attribute_accuracy(clf, x, prompts)
-        out[f"alignment_cfg{w:g}"] = round(shapes.alignment_score(clf, x, prompts), 4)
+        per_attribute = shapes.attribute_accuracy(clf, x, prompts)  # their mean is the alignment: one classifier pass
+        out[f"alignment_cfg{w:g}"] = round(sum(per_attribute.values()) / len(per_attribute), 4)
         out[f"attributes_cfg{w:g}"] = {k: round(v, 3) for k, v in per_attribute.items()}
         out[f"travel_cfg{w:g}"] = round(shapes.travel(x, prompts), 3)
     return out

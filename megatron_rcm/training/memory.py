@@ -48,6 +48,12 @@ BLOCK_SAVED_H = 35.0
 BLOCK_SAVED_F = 4.0
 """Without checkpointing: tensors one block keeps for its backward (norm inputs/outputs, q/k/v, attention output
 and LSE, MLP hidden before and after GELU); with it, the working set of the one block being recomputed."""
+BLOCK_SAVED_H_MATH = 52.4
+"""BLOCK_SAVED_H of float32 / float64 models (`MATH_ATTENTION_DTYPES`, in the same 2-byte units): these run the
+math attention and keep every elementwise intermediate at full width, on the GPU as on the CPU, where the fused
+half-precision regions that BLOCK_SAVED_H was counted from keep less. Counted on the tiny model with saved-tensor
+hooks (tests/unit/training/test_memory.py), the softmax probabilities and text terms left out (counted apart); the
+tiny default's student / critic peaks on one H100 (2026-12-06) agree with it (benchmarks/RESULTS.md)."""
 BLOCK_SAVED_H_SPLIT = 0.4
 """Share of BLOCK_SAVED_H in the residual stream (split by TP only under sequence parallelism); the rest is
 per-head and split by TP always."""
@@ -75,8 +81,8 @@ GPUs; cuBLASLt shares it)."""
 CUBLAS_WORKSPACES = 2
 """Workspaces per GPU: torch keeps one per (cuBLAS handle, stream), and handles are per thread. The passes run on
 one stream, but autograd runs a CUDA backward on its own device thread, so the forward (and JVP) matmuls of the
-main thread and the backward's matmuls hold one workspace each. Not yet seen on a GPU in isolation: the tiny
-default's ~25-40 MiB beyond the other terms is what it would explain (benchmarks/RESULTS.md)."""
+main thread and the backward's matmuls hold one workspace each. Seen on one H100 (2026-12-06): the tiny default
+keeps 0.072 GiB allocated between steps against 0.070 GiB counted with two workspaces (0.039 with one)."""
 ALLOCATOR_OVERHEAD = 0.08
 CUDA_CONTEXT_GIB = 0.75
 """Fit verdict: peak allocated + fragmentation (reserved - allocated) + CUDA context and library workspaces."""
@@ -315,7 +321,8 @@ def _activations(config: TrainingConfig, lay: Layout, tokens: int, stage: int) -
     s = tokens / lay.cp
     blocks = min(math.ceil(L / lay.pp), L - stage * math.ceil(L / lay.pp))
     res = lay.tp if lay.sequence_parallel else 1  # residual-stream split
-    block = (BLOCK_SAVED_H * h * (BLOCK_SAVED_H_SPLIT / res + (1 - BLOCK_SAVED_H_SPLIT) / lay.tp)
+    saved_h = BLOCK_SAVED_H_MATH if config.model.params_dtype in MATH_ATTENTION_DTYPES else BLOCK_SAVED_H
+    block = (saved_h * h * (BLOCK_SAVED_H_SPLIT / res + (1 - BLOCK_SAVED_H_SPLIT) / lay.tp)
              + BLOCK_SAVED_F * f / lay.tp) * scale
     outside = OUTSIDE_BLOCKS_H * h / res * ((stage == 0) + (stage == lay.pp - 1)) / 2
     in_flight = min(lay.pp, lay.num_micro)  # 1F1B: the first stage holds up to PP micro-batches

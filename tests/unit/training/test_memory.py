@@ -78,14 +78,14 @@ def test_resident_memory_of_the_tiny_config_is_the_hand_count():
     assert off.static["adam_state"] == 2 * 8 * n and off.static["fp32_main_params"] == 2 * 4 * lo
 
 
-def _saved_bytes(num_layers, checkpointing, size=32, batch=2, text=7, dtype=torch.bfloat16):
+def _saved_bytes(num_layers, checkpointing, size=32, batch=2, text=7, dtype=torch.bfloat16, ffn_dim=None):
     """Bytes autograd keeps for the backward of one with-grad forward of the tiny model (bf16), not parameters."""
     from megatron_rcm.models import build_model
     from megatron_rcm.models.loading import ARCHITECTURES
     from megatron_rcm.training.recompute import enable_activation_checkpointing
 
     _, c = get_preset("wan-shapes-tiny")
-    c = dataclasses.replace(c, num_layers=num_layers)
+    c = dataclasses.replace(c, num_layers=num_layers, ffn_dim=ffn_dim or c.ffn_dim)
     model = build_model(ARCHITECTURES["wan"], c, dtype, False, torch.device("cpu"))
     if checkpointing:
         enable_activation_checkpointing(model)
@@ -127,6 +127,24 @@ def test_text_token_and_math_attention_terms_match_the_tiny_model():
     assert per_text_token - 3 * per_block == pytest.approx(memory.TEXT_OUTSIDE_H * c.hidden_size * scale, rel=0.01)
 
 
+def test_math_path_block_terms_match_the_tiny_model():
+    """float32 without checkpointing: per block and patch token the model keeps its softmax rows, the text terms,
+    BLOCK_SAVED_F per MLP channel and BLOCK_SAVED_H_MATH per hidden channel (the MLP's share isolated by widening
+    the MLP)."""
+    def per_block(ffn_dim):
+        (a, c, token_samples), (b, _, _) = (_saved_bytes(n, False, size=16, text=5, dtype=torch.float32,
+                                                         ffn_dim=ffn_dim) for n in (3, 6))
+        return (b - a) / 3 / token_samples, c
+
+    (narrow, c), (wide, _) = per_block(128), per_block(256)
+    scale = 4 / 2  # float32 activations against the 2-byte coefficients
+    assert (wide - narrow) / 128 == memory.BLOCK_SAVED_F * scale
+    probs = c.num_attention_heads * (128 + 5) * 4  # per query token: its softmax rows over patch and text keys
+    text = 5 * memory.TEXT_BLOCK_H * c.hidden_size * scale / 128  # the 5 text tokens' share per patch token
+    expect = (memory.BLOCK_SAVED_H_MATH * c.hidden_size + memory.BLOCK_SAVED_F * 128) * scale + probs + text
+    assert narrow == pytest.approx(expect, rel=0.005)
+
+
 def test_tiny_default_peak_is_the_sum_of_its_terms():
     """The tiny default on one GPU (float32, no checkpointing, micro-batch 8): the hand count of the terms."""
     config = load_config(None, ["rcm.tangent_warmup=0"])
@@ -136,7 +154,7 @@ def test_tiny_default_peak_is_the_sum_of_its_terms():
     text = 5  # the shapes set's caption tokens (ShapesTextEncoder pads to 5, not to data.text_length)
     assert memory.text_tokens(config) == text and config.data.text_length == 512
     scale = 2  # float32
-    block = (memory.BLOCK_SAVED_H * h + memory.BLOCK_SAVED_F * f) * scale
+    block = (memory.BLOCK_SAVED_H_MATH * h + memory.BLOCK_SAVED_F * f) * scale
     probs = heads * s * (s + text) * 4
     per_sample = (c.num_layers * (s * block + text * memory.TEXT_BLOCK_H * h * scale + probs)
                   + s * memory.OUTSIDE_BLOCKS_H * h + text * memory.TEXT_OUTSIDE_H * h * scale)

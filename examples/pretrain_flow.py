@@ -14,6 +14,7 @@ in benchmarks/RESULTS.md ("Tiny default quality").
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -51,11 +52,39 @@ class TeacherBatches(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompts: int, seed: int) -> dict:
+def caption_effect(model, videos, captions, encoder, noise_level: float = 0.8, seed: int = 0) -> dict:
+    """Per attribute, the mean squared change of the teacher's clean-sample prediction at `noise_level` when the
+    caption's word for that attribute is replaced by the next value (colour red -> green, direction left -> right,
+    ...): near 0 means the teacher ignores that word, whatever its samples look like."""
+    from megatron_rcm.data import shapes
+
+    device = next(model.parameters()).device
+    x0 = videos.to(device)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    s = torch.full((x0.shape[0],), noise_level, device=device)
+    xs = (1 - noise_level) * x0 + noise_level * eps
+
+    def predict(caps):
+        return xs - noise_level * model(xs, 1000.0 * s, encoder.encode(caps).to(device))
+
+    base = predict(captions)
+    out = {}
+    for i, (name, values) in enumerate(shapes.ATTRIBUTES.items()):
+        swapped = []
+        for words in map(shapes.parse_caption, captions):
+            words = list(words)
+            words[i] = values[(values.index(words[i]) + 1) % len(values)]
+            swapped.append(shapes.caption(*words))
+        out[name] = float(f"{((predict(swapped) - base) ** 2).mean().item():.3g}")
+    return out
+
+
+@torch.no_grad()
+def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompts: int, seed: int, data) -> dict:
     """Alignment of the teacher's `steps`-step UniPC samples on the evaluation's prompts and noise, per guidance."""
     from megatron_rcm.data import shapes
     from megatron_rcm.diffusion import TrigFlowWrapper, teacher_sample
-    from megatron_rcm.training.config import TINY_SHAPES_DATA, TINY_SHAPES_MODEL
+    from megatron_rcm.training.config import TINY_SHAPES_MODEL
 
     clf = shapes.ShapesClassifier()
     clf.load_state_dict(torch.load(classifier_path, map_location="cpu", weights_only=True))
@@ -63,24 +92,25 @@ def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompt
     encoder = shapes.ShapesTextEncoder(dim=TINY_SHAPES_MODEL.text_dim)
     device = next(model.parameters()).device
     prompts = shapes.eval_prompts(num_prompts)
-    d = TINY_SHAPES_DATA
-    shape = (num_prompts, TINY_SHAPES_MODEL.in_channels, d.frames, d.size, d.size)
+    shape = (num_prompts, TINY_SHAPES_MODEL.in_channels, data.frames, data.size, data.size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 77), dtype=torch.float64).to(device)
     text, neg = encoder.encode(prompts).to(device), encoder.negative(1).to(device)
     teacher = TrigFlowWrapper(model, 1000.0)
-    out = {}
+    real, captions = shapes.ShapesDataset(data, seed=seed).batch(range(20_000_000, 20_000_000 + 4 * num_prompts))
+    out = {"data_alignment": round(shapes.alignment_score(clf, real, captions), 4),  # the classifier's ceiling
+           "caption_effect": caption_effect(model, real, captions, encoder)}
     for w in guidances:
         x = teacher_sample(teacher, noise, text, steps, "unipc", 1.0, w, neg).float().cpu()
         per_attribute = shapes.attribute_accuracy(clf, x, prompts)  # their mean is the alignment: one classifier pass
         out[f"alignment_cfg{w:g}"] = round(sum(per_attribute.values()) / len(per_attribute), 4)
         out[f"attributes_cfg{w:g}"] = {k: round(v, 3) for k, v in per_attribute.items()}
         out[f"travel_cfg{w:g}"] = round(shapes.travel(x, prompts), 3)
+        out[f"motion_cfg{w:g}"] = round(shapes.motion(x), 3)
     return out
 
 
 def architecture(args):
     """The tiny preset with the command line's overrides."""
-    import dataclasses
 
     from megatron_rcm.training.config import TINY_SHAPES_MODEL
 
@@ -115,6 +145,11 @@ def main():
     p.add_argument("--head-dim", type=int, default=None,
                    help="override the tiny preset's channels per head (16; the width is heads x head dim, and RoPE "
                         "gives each of the frame, height and width axes a third of a head's channels)")
+    p.add_argument("--layout", choices=["inside", "wrap"], default=None,
+                   help="the shapes set's layout (default: the tiny default's, data.layout; see ShapesConfig.layout); "
+                        "a classifier is trained for it unless --out holds one")
+    p.add_argument("--speed", type=int, default=None,
+                   help="pixels per frame the shapes move (default: data.speed; 4 is one 4x4 patch per frame)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=0, help="background processes rendering the training batches")
@@ -133,11 +168,14 @@ def main():
     initialize_parallel(backend="gloo")  # one process, no collectives; the checkpoint is written from the CPU
     set_random_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
+    data = dataclasses.replace(TINY_SHAPES_DATA, **{k: v for k, v in (("layout", args.layout), ("speed", args.speed))
+                                                     if v is not None})
+    print(f"shapes set: layout {data.layout}, speed {data.speed}")
 
     clf_path = os.path.join(args.out, "shapes-classifier.pt")
     if not os.path.exists(clf_path):
         t0 = time.time()
-        clf = train_classifier(ShapesDataset(TINY_SHAPES_DATA, seed=args.seed), steps=args.classifier_steps,
+        clf = train_classifier(ShapesDataset(data, seed=args.seed), steps=args.classifier_steps,
                                seed=args.seed, log=print)
         torch.save(clf.state_dict(), clf_path)
         print(f"classifier saved to {clf_path} ({time.time() - t0:.0f} s)")
@@ -150,7 +188,7 @@ def main():
     ema = PowerEMA(model, args.ema_sigma_rel)
     print(f"teacher: {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    batches = TeacherBatches(TINY_SHAPES_DATA, TINY_SHAPES_MODEL.text_dim, args.batch_size, args.caption_dropout,
+    batches = TeacherBatches(data, TINY_SHAPES_MODEL.text_dim, args.batch_size, args.caption_dropout,
                              args.seed, args.iterations, args.logit_mean)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
                                          prefetch_factor=8 if args.workers else None)
@@ -186,7 +224,7 @@ def main():
     model.to(device)
     print(f"teacher (EMA, sigma_rel {args.ema_sigma_rel}) saved to {path}")
     if args.eval_guidance:
-        scores = score_teacher(model, clf_path, args.eval_guidance, 32, 96, 1234)
+        scores = score_teacher(model, clf_path, args.eval_guidance, 32, 96, 1234, data)
         print(json.dumps({"iterations": iterations, **scores}), flush=True)
 
 if __name__ == "__main__":

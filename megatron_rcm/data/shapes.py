@@ -15,6 +15,7 @@ Pieces:
 
 import dataclasses
 import itertools
+import math
 
 import numpy as np
 import torch
@@ -61,10 +62,26 @@ class ShapesConfig:
     """Half-size of a shape in pixels."""
     speed: int = 1
     """Pixels moved per frame."""
+    layout: str = "inside"
+    """`inside`: the shape stays inside the frame for the whole clip, so along its motion it can start in only a
+    few places and every frame's position depends on the frame index. `wrap`: the canvas is a torus (a shape
+    leaving one border comes back at the opposite one) and the start is uniform, so each frame's position is
+    uniform too: the set is translation-invariant, the kind of data a DiT whose only position signal is the
+    relative one of RoPE can fit at high noise (docs/architecture.md, "The tiny teacher's motion")."""
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"shapes layout must be one of {LAYOUTS}, got {self.layout!r}")
 
 
-def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, r0: float, c0: float, radius: int) -> np.ndarray:
+LAYOUTS = ("inside", "wrap")
+
+
+def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, r0: float, c0: float, radius: int,
+                period: int = 0) -> np.ndarray:
     dr, dc = rows - r0, cols - c0
+    if period:  # on a torus: the offset to the nearest copy of the centre
+        dr, dc = (dr + period // 2) % period - period // 2, (dc + period // 2) % period - period // 2
     if shape == "circle":
         return dr * dr + dc * dc <= (radius + 0.3) ** 2
     if shape == "square":
@@ -75,9 +92,14 @@ def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, r0: float, c0: f
 
 
 def start_position(direction: str, rng: np.random.RandomState, config: ShapesConfig) -> tuple[int, int]:
-    """(row, column) of the shape's centre in the first frame, drawn from `rng`: along the motion the shape must
-    stay inside for the whole clip, across it anywhere inside."""
+    """(row, column) of the shape's centre in the first frame, drawn from `rng`. Layout `inside`: along the motion
+    the shape must stay inside for the whole clip, across it anywhere inside; `wrap`: anywhere."""
     r, n, travel = config.radius, config.size, config.speed * (config.frames - 1)
+    if config.layout == "wrap":
+        if 2 * r + 1 > n:
+            raise ValueError(f"a shape of radius {r} does not fit in {n} pixels")
+        row0 = rng.randint(0, n)
+        return row0, rng.randint(0, n)
     if 2 * r + 1 + travel > n:
         raise ValueError(f"a shape of radius {r} moving {travel} pixels does not fit in {n} pixels")
     d_row, d_col = DIRECTIONS[direction]
@@ -99,8 +121,10 @@ def render_at(color: str, shape: str, direction: str, row0: int, col0: int, conf
     rows, cols = np.mgrid[0:n, 0:n].astype(np.float32)
     rgb = np.asarray(COLORS[color], dtype=np.float32)[:, None, None]
     video = np.zeros((3, config.frames, n, n), dtype=np.float32)
+    period = n if config.layout == "wrap" else 0
     for f in range(config.frames):
-        mask = _shape_mask(shape, rows, cols, row0 + d_row * config.speed * f, col0 + d_col * config.speed * f, r)
+        mask = _shape_mask(shape, rows, cols, row0 + d_row * config.speed * f, col0 + d_col * config.speed * f, r,
+                           period)
         video[:, f] = np.where(mask[None], rgb, 0.0)
     return video
 
@@ -280,20 +304,38 @@ def off_palette_share(videos: torch.Tensor, tolerance: float = 0.25) -> float:
 
 
 @torch.no_grad()
+def velocity(videos: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """`[N, 2]`: the mean step per frame, in pixels (rows, columns), of the shape of `[N, 3, T, H, W]` videos. A
+    frame's position is the circular mean of its pixels brighter than `threshold` (max over the channels), so that
+    a shape wrapping around the border (`ShapesConfig.layout` `wrap`) is followed too; each step between frames is
+    taken the short way round, and frames with no bright pixel are left out."""
+    mask = (videos.float().abs().amax(dim=1) > threshold).float()  # [N, T, H, W]
+    steps = []
+    for profile in (mask.sum(dim=3), mask.sum(dim=2)):  # [N, T, H] mass per row, [N, T, W] per column
+        size = profile.shape[-1]
+        angle = 2 * math.pi * torch.arange(size, dtype=torch.float32) / size
+        phase = torch.atan2((profile * angle.sin()).sum(-1), (profile * angle.cos()).sum(-1))  # [N, T]
+        seen = profile.sum(-1) > 0
+        delta = torch.remainder(phase[:, 1:] - phase[:, :-1] + math.pi, 2 * math.pi) - math.pi
+        pairs = (seen[:, 1:] & seen[:, :-1]).float()
+        steps.append((delta * pairs).sum(1) / pairs.sum(1).clamp(min=1.0) * size / (2 * math.pi))
+    return torch.stack(steps, dim=1)
+
+
 def travel(videos: torch.Tensor, captions: list[str], threshold: float = 0.5) -> float:
     """Mean speed, in pixels per frame, at which the shape of `[N, 3, T, H, W]` videos moves along its captioned
-    direction: the least-squares slope over frames of the centroid of the pixels brighter than `threshold` (max over
-    the channels), projected on the direction. The data gives `ShapesConfig.speed` (1); a sample that repeats one
-    frame, or whose shape wanders at random, gives ~0, however well the classifier scores its colour."""
-    mask = (videos.float().abs().amax(dim=1) > threshold).float()  # [N, T, H, W]
-    n, frames, height, width = mask.shape
-    mass = mask.sum(dim=(2, 3)).clamp(min=1.0)
-    rows = (mask * torch.arange(height, dtype=torch.float32)[:, None]).sum(dim=(2, 3)) / mass
-    cols = (mask * torch.arange(width, dtype=torch.float32)[None, :]).sum(dim=(2, 3)) / mass
-    step = torch.tensor([DIRECTIONS[parse_caption(c)[2]] for c in captions], dtype=torch.float32)  # [N, 2]
-    along = rows * step[:, :1] + cols * step[:, 1:]  # [N, T]
-    f = torch.arange(frames, dtype=torch.float32) - (frames - 1) / 2
-    return ((along * f).sum(dim=1) / (f * f).sum()).mean().item()
+    direction (`velocity` projected on it). The data gives `ShapesConfig.speed` (1); a sample that repeats one
+    frame, whose shape wanders at random, or that moves the wrong way gives ~0 or less, however well the classifier
+    scores its colour."""
+    direction = torch.tensor([DIRECTIONS[parse_caption(c)[2]] for c in captions], dtype=torch.float32)  # [N, 2]
+    return (velocity(videos, threshold) * direction).sum(1).mean().item()
+
+
+def motion(videos: torch.Tensor, threshold: float = 0.5) -> float:
+    """Mean speed, in pixels per frame, of steady motion in any direction (the length of `velocity`): next to
+    `travel` it tells a sample that moves the wrong way (motion ~1, travel ~0) from one that does not move or only
+    jitters (both ~0). The data gives `ShapesConfig.speed`."""
+    return velocity(videos, threshold).norm(dim=1).mean().item()
 
 
 def eval_prompts(n: int) -> list[str]:
@@ -301,7 +343,7 @@ def eval_prompts(n: int) -> list[str]:
     return [caption(*PROMPTS[(i * 7) % len(PROMPTS)]) for i in range(n)]
 
 
-__all__ = ["ATTRIBUTES", "COLORS", "DIRECTIONS", "PROMPTS", "SHAPES", "ShapesClassifier", "ShapesConfig",
+__all__ = ["ATTRIBUTES", "COLORS", "DIRECTIONS", "LAYOUTS", "PROMPTS", "SHAPES", "ShapesClassifier", "ShapesConfig",
            "ShapesDataset", "ShapesTextEncoder", "alignment_score", "attribute_accuracy", "caption", "eval_prompts",
-           "feature_distance", "feature_spread", "features", "off_palette_share", "parse_caption", "render",
-           "render_at", "start_position", "train_classifier", "travel"]
+           "feature_distance", "feature_spread", "features", "motion", "off_palette_share", "parse_caption",
+           "render", "render_at", "start_position", "train_classifier", "travel", "velocity"]

@@ -36,3 +36,38 @@ def test_overrides_reach_the_saved_teacher_and_the_score_is_per_attribute(tmp_pa
         destroy_parallel()
     c = model.config
     assert (c.num_layers, c.num_attention_heads, c.attention_head_dim, c.ffn_dim) == (2, 2, 32, 64)
+    assert sorted(scores["caption_effect"]) == ["color", "direction", "shape"]
+    assert min(scores["caption_effect"].values()) > 0  # a random teacher reads every word
+
+
+def _load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_flow", os.path.join(ROOT, "examples/pretrain_flow.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _ReadsOneWord(torch.nn.Module):
+    """A stand-in teacher whose velocity depends on the caption only through its word at `position`."""
+
+    def __init__(self, position):
+        super().__init__()
+        self.position = position
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, t, text):
+        return x * 0 + self.weight * text[:, self.position].sum(-1).view(-1, 1, 1, 1, 1)
+
+
+def test_caption_effect_is_zero_exactly_for_the_words_a_teacher_ignores():
+    from megatron_rcm.data import shapes
+
+    caption_effect = _load_script().caption_effect
+    videos, captions = shapes.ShapesDataset(seed=0).batch(range(24))
+    encoder = shapes.ShapesTextEncoder()
+    for position, read in ((1, "color"), (2, "shape"), (4, "direction")):  # 'a <color> <shape> moving <direction>'
+        effect = caption_effect(_ReadsOneWord(position), videos, captions, encoder)
+        assert effect[read] > 1e-3
+        assert all(v == 0 for k, v in effect.items() if k != read)

@@ -107,3 +107,7 @@ def test_travel_is_the_data_speed_on_data_and_zero_for_a_still_shape():
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
     flipped = [shapes.caption(c, s, opposite[d]) for c, s, d in map(shapes.parse_caption, captions)]
     assert shapes.travel(videos, flipped) == pytest.approx(-config.speed, abs=1e-5)
+    # motion is the speed in any direction: the wrong way round it still sees the data's speed, a still shape none
+    assert shapes.motion(videos) == pytest.approx(config.speed, abs=1e-5)
+    assert shapes.motion(videos.flip(2)) == pytest.approx(config.speed, abs=1e-5)
+    assert shapes.motion(still) == pytest.approx(0.0, abs=1e-5)

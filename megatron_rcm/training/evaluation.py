@@ -12,7 +12,9 @@ For fixed prompts and fixed noise, the student's (and the EMA's) 1-, 2- and 4-st
 - `off_palette`: share of pixels in none of the data's colours (speckle; 0 on data), which the classifier's
   features ignore because it is trained with additive noise;
 - `travel`: the speed (pixels per frame) at which the shape moves along its captioned direction (data: 1; a still
-  or randomly wandering shape: ~0), the motion the classifier's direction accuracy only counts as hit or miss.
+  or randomly wandering shape: ~0), the motion the classifier's direction accuracy only counts as hit or miss;
+- `motion`: the speed of steady motion in any direction (data: 1): high with `travel` ~0 means the samples move,
+  but not where the caption says.
 The teacher's reference samples (and its own scores) are computed once per run.
 """
 
@@ -132,6 +134,7 @@ class ShapesEvaluator:
             "spread": shapes.feature_spread(self.teacher_features, self.prompts),
             "off_palette": shapes.off_palette_share(self.teacher_samples),
             "travel": shapes.travel(self.teacher_samples, self.prompts),
+            "motion": shapes.motion(self.teacher_samples),
             "data_spread": shapes.feature_spread(self.real_features, self.prompts),
         }
 
@@ -158,6 +161,7 @@ class ShapesEvaluator:
                 f"feature_distance_to_data{suffix}": shapes.feature_distance(feats, self.real_features),
                 f"off_palette{suffix}": shapes.off_palette_share(x),
                 f"travel{suffix}": shapes.travel(x, self.prompts),
+                f"motion{suffix}": shapes.motion(x),
                 f"spread{suffix}": spread,
                 f"spread_ratio{suffix}": spread / max(self.teacher_metrics["spread"], 1e-12)}
 

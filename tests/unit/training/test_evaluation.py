@@ -17,7 +17,7 @@ SHORT = ["training.train_iters=6", "rcm.tangent_warmup=2", "logging.eval_interva
          "logging.teacher_eval_steps=3", "checkpoint.save_at_end=false", "checkpoint.save_interval=0",
          "training.global_batch_size=4", "training.micro_batch_size=4"]
 FIELDS = ("alignment", "feature_distance", "feature_distance_to_data", "spread", "spread_ratio", "off_palette",
-          "travel")
+          "travel", "motion")
 
 
 def _eval_scalars(run_dir):
@@ -47,7 +47,7 @@ def two_runs(tmp_path_factory):
 def test_shortened_tiny_default_logs_every_field_and_is_deterministic(two_runs):
     a, b = two_runs
     expected = {f"eval/teacher/{k}" for k in ("alignment", "feature_distance_to_data", "spread", "data_spread",
-                                              "data_alignment", "off_palette", "travel")}
+                                              "data_alignment", "off_palette", "travel", "motion")}
     expected |= {f"eval/{net}/{k}_{n}step" for net in ("ema", "student") for k in FIELDS for n in (1, 2, 4)}
     assert expected <= set(a), expected - set(a)
     assert a == b  # same seed: the same numbers, to the last bit

@@ -145,11 +145,6 @@ def main():
     p.add_argument("--head-dim", type=int, default=None,
                    help="override the tiny preset's channels per head (16; the width is heads x head dim, and RoPE "
                         "gives each of the frame, height and width axes a third of a head's channels)")
-    p.add_argument("--layout", choices=["inside", "wrap"], default=None,
-                   help="the shapes set's layout (default: the tiny default's, data.layout; see ShapesConfig.layout); "
-                        "a classifier is trained for it unless --out holds one")
-    p.add_argument("--speed", type=int, default=None,
-                   help="pixels per frame the shapes move (default: data.speed; 4 is one 4x4 patch per frame)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=0, help="background processes rendering the training batches")
@@ -168,9 +163,7 @@ def main():
     initialize_parallel(backend="gloo")  # one process, no collectives; the checkpoint is written from the CPU
     set_random_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    data = dataclasses.replace(TINY_SHAPES_DATA, **{k: v for k, v in (("layout", args.layout), ("speed", args.speed))
-                                                     if v is not None})
-    print(f"shapes set: layout {data.layout}, speed {data.speed}")
+    data = TINY_SHAPES_DATA
 
     clf_path = os.path.join(args.out, "shapes-classifier.pt")
     if not os.path.exists(clf_path):

@@ -62,26 +62,11 @@ class ShapesConfig:
     """Half-size of a shape in pixels."""
     speed: int = 1
     """Pixels moved per frame."""
-    layout: str = "inside"
-    """`inside`: the shape stays inside the frame for the whole clip, so along its motion it can start in only a
-    few places and every frame's position depends on the frame index. `wrap`: the canvas is a torus (a shape
-    leaving one border comes back at the opposite one) and the start is uniform, so each frame's position is
-    uniform too: the set is translation-invariant, the kind of data a DiT whose only position signal is the
-    relative one of RoPE can fit at high noise (docs/architecture.md, "The tiny teacher's motion")."""
-
-    def __post_init__(self):
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"shapes layout must be one of {LAYOUTS}, got {self.layout!r}")
 
 
-LAYOUTS = ("inside", "wrap")
 
-
-def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, r0: float, c0: float, radius: int,
-                period: int = 0) -> np.ndarray:
+def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, r0: float, c0: float, radius: int) -> np.ndarray:
     dr, dc = rows - r0, cols - c0
-    if period:  # on a torus: the offset to the nearest copy of the centre
-        dr, dc = (dr + period // 2) % period - period // 2, (dc + period // 2) % period - period // 2
     if shape == "circle":
         return dr * dr + dc * dc <= (radius + 0.3) ** 2
     if shape == "square":
@@ -92,14 +77,9 @@ def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, r0: float, c0: f
 
 
 def start_position(direction: str, rng: np.random.RandomState, config: ShapesConfig) -> tuple[int, int]:
-    """(row, column) of the shape's centre in the first frame, drawn from `rng`. Layout `inside`: along the motion
-    the shape must stay inside for the whole clip, across it anywhere inside; `wrap`: anywhere."""
+    """(row, column) of the shape's centre in the first frame, drawn from `rng`: along the motion the shape must
+    stay inside for the whole clip, across it anywhere inside."""
     r, n, travel = config.radius, config.size, config.speed * (config.frames - 1)
-    if config.layout == "wrap":
-        if 2 * r + 1 > n:
-            raise ValueError(f"a shape of radius {r} does not fit in {n} pixels")
-        row0 = rng.randint(0, n)
-        return row0, rng.randint(0, n)
     if 2 * r + 1 + travel > n:
         raise ValueError(f"a shape of radius {r} moving {travel} pixels does not fit in {n} pixels")
     d_row, d_col = DIRECTIONS[direction]
@@ -121,10 +101,8 @@ def render_at(color: str, shape: str, direction: str, row0: int, col0: int, conf
     rows, cols = np.mgrid[0:n, 0:n].astype(np.float32)
     rgb = np.asarray(COLORS[color], dtype=np.float32)[:, None, None]
     video = np.zeros((3, config.frames, n, n), dtype=np.float32)
-    period = n if config.layout == "wrap" else 0
     for f in range(config.frames):
-        mask = _shape_mask(shape, rows, cols, row0 + d_row * config.speed * f, col0 + d_col * config.speed * f, r,
-                           period)
+        mask = _shape_mask(shape, rows, cols, row0 + d_row * config.speed * f, col0 + d_col * config.speed * f, r)
         video[:, f] = np.where(mask[None], rgb, 0.0)
     return video
 
@@ -306,9 +284,10 @@ def off_palette_share(videos: torch.Tensor, tolerance: float = 0.25) -> float:
 @torch.no_grad()
 def velocity(videos: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """`[N, 2]`: the mean step per frame, in pixels (rows, columns), of the shape of `[N, 3, T, H, W]` videos. A
-    frame's position is the circular mean of its pixels brighter than `threshold` (max over the channels), so that
-    a shape wrapping around the border (`ShapesConfig.layout` `wrap`) is followed too; each step between frames is
-    taken the short way round, and frames with no bright pixel are left out."""
+    frame's position is the circular mean of its pixels brighter than `threshold` (max over the channels; for a
+    shape inside the frame it moves exactly as the plain mean does, and a sample's speckle at the opposite border
+    does not drag it across the frame); each step between frames is taken the short way round, and frames with no
+    bright pixel are left out."""
     mask = (videos.float().abs().amax(dim=1) > threshold).float()  # [N, T, H, W]
     steps = []
     for profile in (mask.sum(dim=3), mask.sum(dim=2)):  # [N, T, H] mass per row, [N, T, W] per column
@@ -343,7 +322,7 @@ def eval_prompts(n: int) -> list[str]:
     return [caption(*PROMPTS[(i * 7) % len(PROMPTS)]) for i in range(n)]
 
 
-__all__ = ["ATTRIBUTES", "COLORS", "DIRECTIONS", "LAYOUTS", "PROMPTS", "SHAPES", "ShapesClassifier", "ShapesConfig",
+__all__ = ["ATTRIBUTES", "COLORS", "DIRECTIONS", "PROMPTS", "SHAPES", "ShapesClassifier", "ShapesConfig",
            "ShapesDataset", "ShapesTextEncoder", "alignment_score", "attribute_accuracy", "caption", "eval_prompts",
            "feature_distance", "feature_spread", "features", "motion", "off_palette_share", "parse_caption",
            "render", "render_at", "start_position", "train_classifier", "travel", "velocity"]

@@ -61,9 +61,6 @@ class DataConfig:
     speed: int = 1
     """`shapes`: pixels per frame."""
 
-    layout: str = "inside"
-    """`shapes`: `inside` (the shape stays in the frame) or `wrap` (a torus; see `ShapesConfig.layout`)."""
-
     model: str = ""
     """`videos`: local diffusers Wan folder with `vae/`, `text_encoder/`, `tokenizer/`."""
 
@@ -74,8 +71,7 @@ class DataConfig:
     """`videos`: captions whose embeddings are kept (see `TextEncoderConfig`)."""
 
     def shapes(self) -> ShapesConfig:
-        return ShapesConfig(frames=self.frames, size=self.size, radius=self.radius, speed=self.speed,
-                            layout=self.layout)
+        return ShapesConfig(frames=self.frames, size=self.size, radius=self.radius, speed=self.speed)
 
 
 class EncodedVideoLoader:

@@ -28,22 +28,6 @@ def test_video_shows_the_captioned_colour_and_motion():
     np.testing.assert_allclose(np.diff(rows), 0)
 
 
-def test_wrap_layout_is_a_torus_with_uniform_positions():
-    cfg = shapes.ShapesConfig(layout="wrap", speed=4)  # 28 pixels of travel in a 16-pixel frame: only on a torus
-    videos, captions = shapes.ShapesDataset(cfg, seed=1).batch(range(2000))
-    on = videos.abs().amax(dim=1) > 0.5  # [N, T, H, W]
-    area = on.sum(dim=(2, 3)).float()
-    assert torch.all(area == area[:, :1])  # nothing is clipped at a border: the shape wraps around
-    # every frame's mean image is flat up to sampling noise (inside, the shapes crowd the frame's middle)
-    per_frame = on.float().mean(0).flatten(1)
-    assert per_frame.std(1).max() < 0.03
-    inside = shapes.ShapesDataset(shapes.ShapesConfig(), seed=1).batch(range(2000))[0].abs().amax(dim=1) > 0.5
-    assert inside.float().mean(0).flatten(1).std(1).min() > 0.07
-    assert shapes.travel(videos, captions) == pytest.approx(cfg.speed, abs=1e-4)  # followed across the border
-    with pytest.raises(ValueError, match="layout"):
-        shapes.ShapesConfig(layout="bounce")
-
-
 def test_text_encoder_and_captions():
     enc = shapes.ShapesTextEncoder(dim=16)
     e = enc.encode(["a red circle moving left", "a red circle moving up"])

@@ -64,7 +64,6 @@ class ShapesConfig:
     """Pixels moved per frame."""
 
 
-
 def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, r0: float, c0: float, radius: int) -> np.ndarray:
     dr, dc = rows - r0, cols - c0
     if shape == "circle":

@@ -109,21 +109,6 @@ def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompt
     return out
 
 
-class WithCoordinates(torch.nn.Module):
-    """A teacher whose input carries a fixed (frame, row, column) map in [-1, 1] as three extra channels (Wan's
-    image-to-video form: more input than output channels): absolute positions that RoPE's relative ones lack."""
-
-    def __init__(self, net, frames: int, size: int):
-        super().__init__()
-        self.net = net
-        axes = [torch.linspace(-1, 1, n) for n in (frames, size, size)]
-        self.register_buffer("coordinates", torch.stack(torch.meshgrid(*axes, indexing="ij"))[None], persistent=False)
-
-    def forward(self, x, t, text):
-        grid = self.coordinates.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1)
-        return self.net(torch.cat([x, grid], dim=1), t, text)
-
-
 def architecture(args):
     """The tiny preset with the command line's overrides."""
     from megatron_rcm.training.config import TINY_SHAPES_MODEL
@@ -159,9 +144,6 @@ def main():
     p.add_argument("--head-dim", type=int, default=None,
                    help="override the tiny preset's channels per head (16; the width is heads x head dim, and RoPE "
                         "gives each of the frame, height and width axes a third of a head's channels)")
-    p.add_argument("--coordinates", action="store_true",
-                   help="experiment: give the teacher (frame, row, column) input channels (`WithCoordinates`); the "
-                        "saved network then takes 6 input channels and is not a drop-in tiny teacher")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=0, help="background processes rendering the training batches")
@@ -193,9 +175,6 @@ def main():
     torch.manual_seed(args.seed)
     if args.init:
         model = from_pretrained(args.init, params_dtype=torch.float32, device=device)
-    elif args.coordinates:
-        arch = dataclasses.replace(architecture(args), in_channels=TINY_SHAPES_MODEL.in_channels + 3)
-        model = WithCoordinates(WanModel(arch), data.frames, data.size).to(device)
     else:
         model = WanModel(architecture(args)).to(device)
     ema = PowerEMA(model, args.ema_sigma_rel)
@@ -233,7 +212,7 @@ def main():
     ema.copy_to(model)
     path = os.path.join(args.out, "shapes-teacher")
     # saved before the scoring, so that a failing evaluation loses no training; CPU tensors load on any machine
-    save_megatron((model.net if args.coordinates else model).cpu(), path)
+    save_megatron(model.cpu(), path)
     model.to(device)
     print(f"teacher (EMA, sigma_rel {args.ema_sigma_rel}) saved to {path}")
     if args.eval_guidance:

@@ -80,11 +80,11 @@ def caption_effect(model, videos, captions, encoder, noise_level: float = 0.8, s
 
 
 @torch.no_grad()
-def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompts: int, seed: int, data) -> dict:
+def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompts: int, seed: int) -> dict:
     """Alignment of the teacher's `steps`-step UniPC samples on the evaluation's prompts and noise, per guidance."""
     from megatron_rcm.data import shapes
     from megatron_rcm.diffusion import TrigFlowWrapper, teacher_sample
-    from megatron_rcm.training.config import TINY_SHAPES_MODEL
+    from megatron_rcm.training.config import TINY_SHAPES_DATA, TINY_SHAPES_MODEL
 
     clf = shapes.ShapesClassifier()
     clf.load_state_dict(torch.load(classifier_path, map_location="cpu", weights_only=True))
@@ -92,11 +92,12 @@ def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompt
     encoder = shapes.ShapesTextEncoder(dim=TINY_SHAPES_MODEL.text_dim)
     device = next(model.parameters()).device
     prompts = shapes.eval_prompts(num_prompts)
-    shape = (num_prompts, TINY_SHAPES_MODEL.in_channels, data.frames, data.size, data.size)
+    d = TINY_SHAPES_DATA
+    shape = (num_prompts, TINY_SHAPES_MODEL.in_channels, d.frames, d.size, d.size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 77), dtype=torch.float64).to(device)
     text, neg = encoder.encode(prompts).to(device), encoder.negative(1).to(device)
     teacher = TrigFlowWrapper(model, 1000.0)
-    real, captions = shapes.ShapesDataset(data, seed=seed).batch(range(20_000_000, 20_000_000 + 4 * num_prompts))
+    real, captions = shapes.ShapesDataset(d, seed=seed).batch(range(20_000_000, 20_000_000 + 4 * num_prompts))
     out = {"data_alignment": round(shapes.alignment_score(clf, real, captions), 4),  # the classifier's ceiling
            "caption_effect": caption_effect(model, real, captions, encoder)}
     for w in guidances:
@@ -162,12 +163,11 @@ def main():
     initialize_parallel(backend="gloo")  # one process, no collectives; the checkpoint is written from the CPU
     set_random_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    data = TINY_SHAPES_DATA
 
     clf_path = os.path.join(args.out, "shapes-classifier.pt")
     if not os.path.exists(clf_path):
         t0 = time.time()
-        clf = train_classifier(ShapesDataset(data, seed=args.seed), steps=args.classifier_steps,
+        clf = train_classifier(ShapesDataset(TINY_SHAPES_DATA, seed=args.seed), steps=args.classifier_steps,
                                seed=args.seed, log=print)
         torch.save(clf.state_dict(), clf_path)
         print(f"classifier saved to {clf_path} ({time.time() - t0:.0f} s)")
@@ -180,7 +180,7 @@ def main():
     ema = PowerEMA(model, args.ema_sigma_rel)
     print(f"teacher: {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    batches = TeacherBatches(data, TINY_SHAPES_MODEL.text_dim, args.batch_size, args.caption_dropout,
+    batches = TeacherBatches(TINY_SHAPES_DATA, TINY_SHAPES_MODEL.text_dim, args.batch_size, args.caption_dropout,
                              args.seed, args.iterations, args.logit_mean)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
                                          prefetch_factor=8 if args.workers else None)
@@ -216,7 +216,7 @@ def main():
     model.to(device)
     print(f"teacher (EMA, sigma_rel {args.ema_sigma_rel}) saved to {path}")
     if args.eval_guidance:
-        scores = score_teacher(model, clf_path, args.eval_guidance, 32, 96, 1234, data)
+        scores = score_teacher(model, clf_path, args.eval_guidance, 32, 96, 1234)
         print(json.dumps({"iterations": iterations, **scores}), flush=True)
 
 if __name__ == "__main__":

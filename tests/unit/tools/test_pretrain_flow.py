@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 from megatron_rcm.parallel import destroy_parallel, initialize_parallel
 
@@ -40,15 +40,6 @@ def test_overrides_reach_the_saved_teacher_and_the_score_is_per_attribute(tmp_pa
     assert min(scores["caption_effect"].values()) > 0  # a random teacher reads every word
 
 
-def _load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pretrain_flow", os.path.join(ROOT, "examples/pretrain_flow.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class _ReadsOneWord(torch.nn.Module):
     """A stand-in teacher whose velocity depends on the caption only through its word at `position`."""
 
@@ -64,7 +55,7 @@ class _ReadsOneWord(torch.nn.Module):
 def test_caption_effect_is_zero_exactly_for_the_words_a_teacher_ignores():
     from megatron_rcm.data import shapes
 
-    caption_effect = _load_script().caption_effect
+    caption_effect = load_script("examples/pretrain_flow.py").caption_effect
     videos, captions = shapes.ShapesDataset(seed=0).batch(range(24))
     encoder = shapes.ShapesTextEncoder()
     for position, read in ((1, "color"), (2, "shape"), (4, "direction")):  # 'a <color> <shape> moving <direction>'

@@ -23,17 +23,22 @@ import time
 import torch
 
 
+HIGH_NOISE_BAND = (0.8, 1.0)
+"""Noise levels at which the clip is too faint to show its own motion, so that the direction word is worth most
+to an ideal denoiser (`benchmarks/shapes_oracle.py`)."""
+
+
 class TeacherBatches(torch.utils.data.Dataset):
     """Item `it`: the clean videos, text embeddings and flow-matching draws of iteration `it`."""
 
     def __init__(self, data_config, text_dim: int, batch_size: int, caption_dropout: float, seed: int, length: int,
-                 logit_mean: float = 0.0):
+                 logit_mean: float = 0.0, high_noise_share: float = 0.0):
         from megatron_rcm.data.shapes import ShapesDataset, ShapesTextEncoder
 
         self.dataset = ShapesDataset(data_config, seed=seed)
         self.encoder = ShapesTextEncoder(dim=text_dim)
         self.batch_size, self.caption_dropout, self.seed, self.length = batch_size, caption_dropout, seed, length
-        self.logit_mean = logit_mean
+        self.logit_mean, self.high_noise_share = logit_mean, high_noise_share
 
     def __len__(self):
         return self.length
@@ -47,6 +52,9 @@ class TeacherBatches(torch.utils.data.Dataset):
         # rectified-flow times: logit-normal (SD3) mixed with uniform, so that both ends are trained
         s = torch.sigmoid(torch.randn(b, generator=gen) + self.logit_mean)
         s = torch.where(torch.rand(b, generator=gen) < 0.2, torch.rand(b, generator=gen), s)
+        if self.high_noise_share > 0:  # the band where only the caption says where the shape goes
+            band = HIGH_NOISE_BAND[0] + (HIGH_NOISE_BAND[1] - HIGH_NOISE_BAND[0]) * torch.rand(b, generator=gen)
+            s = torch.where(torch.rand(b, generator=gen) < self.high_noise_share, band, s)
         eps = torch.randn(x0.shape, generator=gen)
         return x0, text, s, eps
 
@@ -99,7 +107,8 @@ def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompt
     teacher = TrigFlowWrapper(model, 1000.0)
     real, captions = shapes.ShapesDataset(d, seed=seed).batch(range(20_000_000, 20_000_000 + 4 * num_prompts))
     out = {"data_alignment": round(shapes.alignment_score(clf, real, captions), 4),  # the classifier's ceiling
-           "caption_effect": caption_effect(model, real, captions, encoder)}
+           "caption_effect": caption_effect(model, real, captions, encoder),
+           "caption_effect_noise0.9": caption_effect(model, real, captions, encoder, noise_level=0.9)}
     for w in guidances:
         x = teacher_sample(teacher, noise, text, steps, "unipc", 1.0, w, neg).float().cpu()
         per_attribute = shapes.attribute_accuracy(clf, x, prompts)  # their mean is the alignment: one classifier pass
@@ -134,6 +143,8 @@ def main():
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--logit-mean", type=float, default=0.0,
                    help="location of the logit-normal training times (negative: more of them at low noise)")
+    p.add_argument("--high-noise-share", type=float, default=0.0,
+                   help=f"share of each batch whose noise level is drawn uniformly from {HIGH_NOISE_BAND} instead")
     p.add_argument("--init", default="", help="start from this teacher checkpoint instead of random weights")
     p.add_argument("--classifier-steps", type=int, default=250)
     p.add_argument("--eval-guidance", type=float, nargs="*", default=[1.0, 2.0, 3.0, 4.0],
@@ -181,7 +192,7 @@ def main():
     print(f"teacher: {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     batches = TeacherBatches(TINY_SHAPES_DATA, TINY_SHAPES_MODEL.text_dim, args.batch_size, args.caption_dropout,
-                             args.seed, args.iterations, args.logit_mean)
+                             args.seed, args.iterations, args.logit_mean, args.high_noise_share)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
                                          prefetch_factor=8 if args.workers else None)
     t0 = time.time()

@@ -75,22 +75,41 @@ def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, r0: float, c0: f
     raise ValueError(shape)
 
 
-def start_position(direction: str, rng: np.random.RandomState, config: ShapesConfig) -> tuple[int, int]:
-    """(row, column) of the shape's centre in the first frame, drawn from `rng`: along the motion the shape must
-    stay inside for the whole clip, across it anywhere inside."""
+def start_ranges(direction: str, config: ShapesConfig) -> tuple[range, range]:
+    """The first frame's possible (row, column) centres: along the motion the shape must stay inside for the whole
+    clip, across it anywhere inside."""
     r, n, travel = config.radius, config.size, config.speed * (config.frames - 1)
     if 2 * r + 1 + travel > n:
         raise ValueError(f"a shape of radius {r} moving {travel} pixels does not fit in {n} pixels")
-    d_row, d_col = DIRECTIONS[direction]
 
-    def start(d):
+    def along(d):
         if d > 0:
-            return rng.randint(r, n - r - travel)
+            return range(r, n - r - travel)
         if d < 0:
-            return rng.randint(r + travel, n - r)
-        return rng.randint(r, n - r)
-    row0 = start(d_row)
-    return row0, start(d_col)
+            return range(r + travel, n - r)
+        return range(r, n - r)
+    d_row, d_col = DIRECTIONS[direction]
+    return along(d_row), along(d_col)
+
+
+def start_position(direction: str, rng: np.random.RandomState, config: ShapesConfig) -> tuple[int, int]:
+    """(row, column) of the shape's centre in the first frame, drawn uniformly from `start_ranges` by `rng`."""
+    rows, cols = start_ranges(direction, config)
+    row0 = rng.randint(rows.start, rows.stop)
+    return row0, rng.randint(cols.start, cols.stop)
+
+
+def all_videos(config: ShapesConfig) -> tuple[torch.Tensor, list[tuple[str, str, str]]]:
+    """Every distinct video of the set, `[N, 3, T, H, W]`, with its (colour, shape, direction); each prompt's videos
+    are equally likely under `ShapesDataset`, and the prompts are too."""
+    videos, attributes = [], []
+    for prompt in PROMPTS:
+        rows, cols = start_ranges(prompt[2], config)
+        for row0 in rows:
+            for col0 in cols:
+                videos.append(render_at(*prompt, row0, col0, config))
+                attributes.append(prompt)
+    return torch.from_numpy(np.stack(videos)), attributes
 
 
 def render_at(color: str, shape: str, direction: str, row0: int, col0: int, config: ShapesConfig) -> np.ndarray:

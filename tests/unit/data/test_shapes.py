@@ -53,3 +53,17 @@ def test_feature_distance_is_zero_on_equal_sets_and_grows_with_a_shift():
 
 def test_eval_prompts_cover_every_prompt():
     assert sorted(shapes.eval_prompts(48)) == sorted(shapes.caption(*p) for p in shapes.PROMPTS)
+
+
+def test_all_videos_are_the_sets_distinct_videos():
+    cfg = shapes.ShapesConfig()
+    videos, attributes = shapes.all_videos(cfg)
+    rows, cols = shapes.start_ranges("left", cfg)
+    assert len(videos) == len(shapes.PROMPTS) * len(rows) * len(cols) == len(attributes)
+    flat = videos.flatten(1)
+    assert len(torch.unique(flat, dim=0)) == len(videos)
+    data = shapes.ShapesDataset(cfg, seed=3)
+    for i in range(40):
+        video, text = data[i]
+        match = (flat == torch.from_numpy(video).flatten()).all(-1).nonzero().flatten().tolist()
+        assert len(match) == 1 and shapes.caption(*attributes[match[0]]) == text

@@ -62,3 +62,16 @@ def test_caption_effect_is_zero_exactly_for_the_words_a_teacher_ignores():
         effect = caption_effect(_ReadsOneWord(position), videos, captions, encoder)
         assert effect[read] > 1e-3
         assert all(v == 0 for k, v in effect.items() if k != read)
+
+
+def test_high_noise_share_moves_that_share_of_the_batch_into_the_band():
+    from megatron_rcm.data.shapes import ShapesConfig
+
+    module = load_script("examples/pretrain_flow.py")
+    lo, hi = module.HIGH_NOISE_BAND
+    plain = module.TeacherBatches(ShapesConfig(), 16, 512, 0.1, 0, 1)[0][2]
+    banded = module.TeacherBatches(ShapesConfig(), 16, 512, 0.1, 0, 1, high_noise_share=1.0)[0][2]
+    assert ((banded >= lo) & (banded <= hi)).all()
+    assert ((plain >= lo) & (plain <= hi)).float().mean() < 0.3
+    half = module.TeacherBatches(ShapesConfig(), 16, 4096, 0.1, 0, 1, high_noise_share=0.5)[0][2]
+    assert 0.5 < ((half >= lo) & (half <= hi)).float().mean() < 0.7  # half the batch, plus the plain draws' share

@@ -88,6 +88,22 @@ def caption_effect(model, videos, captions, encoder, noise_level: float = 0.8, s
 
 
 @torch.no_grad()
+def word_spread(model, encoder) -> dict:
+    """Per attribute, the mean distance between its words' text embeddings after the teacher's text projection:
+    near 0 means the projection has merged that attribute's words, so no later layer can tell them apart."""
+    from megatron_rcm.data import shapes
+
+    weight = model.text_embedding.linear_1.weight
+    embedded = model.text_embedding(encoder.table.to(weight.device, weight.dtype)).float().cpu()
+    out = {}
+    for name, values in shapes.ATTRIBUTES.items():
+        e = embedded[[encoder.index[v] for v in values]]
+        n = len(values)
+        out[name] = float(f"{(torch.cdist(e, e).sum() / (n * (n - 1))).item():.3g}")
+    return out
+
+
+@torch.no_grad()
 def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompts: int, seed: int) -> dict:
     """Alignment of the teacher's `steps`-step UniPC samples on the evaluation's prompts and noise, per guidance."""
     from megatron_rcm.data import shapes
@@ -108,7 +124,8 @@ def score_teacher(model, classifier_path: str, guidances, steps: int, num_prompt
     real, captions = shapes.ShapesDataset(d, seed=seed).batch(range(20_000_000, 20_000_000 + 4 * num_prompts))
     out = {"data_alignment": round(shapes.alignment_score(clf, real, captions), 4),  # the classifier's ceiling
            "caption_effect": caption_effect(model, real, captions, encoder),
-           "caption_effect_noise0.9": caption_effect(model, real, captions, encoder, noise_level=0.9)}
+           "caption_effect_noise0.9": caption_effect(model, real, captions, encoder, noise_level=0.9),
+           "word_spread": word_spread(model, encoder)}
     for w in guidances:
         x = teacher_sample(teacher, noise, text, steps, "unipc", 1.0, w, neg).float().cpu()
         per_attribute = shapes.attribute_accuracy(clf, x, prompts)  # their mean is the alignment: one classifier pass

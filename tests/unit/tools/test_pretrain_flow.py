@@ -38,6 +38,8 @@ def test_overrides_reach_the_saved_teacher_and_the_score_is_per_attribute(tmp_pa
     assert (c.num_layers, c.num_attention_heads, c.attention_head_dim, c.ffn_dim) == (2, 2, 32, 64)
     assert sorted(scores["caption_effect"]) == ["color", "direction", "shape"]
     assert min(scores["caption_effect"].values()) > 0  # a random teacher reads every word
+    assert sorted(scores["word_spread"]) == ["color", "direction", "shape"]
+    assert min(scores["word_spread"].values()) > 0.5  # ... and its text projection keeps the words apart
 
 
 class _ReadsOneWord(torch.nn.Module):

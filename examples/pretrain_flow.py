@@ -32,13 +32,14 @@ class TeacherBatches(torch.utils.data.Dataset):
     """Item `it`: the clean videos, text embeddings and flow-matching draws of iteration `it`."""
 
     def __init__(self, data_config, text_dim: int, batch_size: int, caption_dropout: float, seed: int, length: int,
-                 logit_mean: float = 0.0, high_noise_share: float = 0.0):
+                 logit_mean: float = 0.0, high_noise_share: float = 0.0, low_noise_caption_dropout: float = 0.0):
         from megatron_rcm.data.shapes import ShapesDataset, ShapesTextEncoder
 
         self.dataset = ShapesDataset(data_config, seed=seed)
         self.encoder = ShapesTextEncoder(dim=text_dim)
         self.batch_size, self.caption_dropout, self.seed, self.length = batch_size, caption_dropout, seed, length
         self.logit_mean, self.high_noise_share = logit_mean, high_noise_share
+        self.low_noise_caption_dropout = low_noise_caption_dropout
 
     def __len__(self):
         return self.length
@@ -56,6 +57,9 @@ class TeacherBatches(torch.utils.data.Dataset):
             band = HIGH_NOISE_BAND[0] + (HIGH_NOISE_BAND[1] - HIGH_NOISE_BAND[0]) * torch.rand(b, generator=gen)
             s = torch.where(torch.rand(b, generator=gen) < self.high_noise_share, band, s)
         eps = torch.randn(x0.shape, generator=gen)
+        if self.low_noise_caption_dropout > 0:  # below the band no word helps: take away their noise there
+            low = (s < HIGH_NOISE_BAND[0]) & (torch.rand(b, generator=gen) < self.low_noise_caption_dropout)
+            text[low] = 0.0
         return x0, text, s, eps
 
 
@@ -162,6 +166,9 @@ def main():
                    help="location of the logit-normal training times (negative: more of them at low noise)")
     p.add_argument("--high-noise-share", type=float, default=0.0,
                    help=f"share of each batch whose noise level is drawn uniformly from {HIGH_NOISE_BAND} instead")
+    p.add_argument("--low-noise-caption-dropout", type=float, default=0.0,
+                   help=f"probability of the empty caption for noise levels below {HIGH_NOISE_BAND[0]} (on top of "
+                        "--caption-dropout)")
     p.add_argument("--init", default="", help="start from this teacher checkpoint instead of random weights")
     p.add_argument("--classifier-steps", type=int, default=250)
     p.add_argument("--eval-guidance", type=float, nargs="*", default=[1.0, 2.0, 3.0, 4.0],
@@ -209,7 +216,8 @@ def main():
     print(f"teacher: {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     batches = TeacherBatches(TINY_SHAPES_DATA, TINY_SHAPES_MODEL.text_dim, args.batch_size, args.caption_dropout,
-                             args.seed, args.iterations, args.logit_mean, args.high_noise_share)
+                             args.seed, args.iterations, args.logit_mean, args.high_noise_share,
+                             args.low_noise_caption_dropout)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
                                          prefetch_factor=8 if args.workers else None)
     t0 = time.time()

@@ -77,3 +77,16 @@ def test_high_noise_share_moves_that_share_of_the_batch_into_the_band():
     assert ((plain >= lo) & (plain <= hi)).float().mean() < 0.3
     half = module.TeacherBatches(ShapesConfig(), 16, 4096, 0.1, 0, 1, high_noise_share=0.5)[0][2]
     assert 0.5 < ((half >= lo) & (half <= hi)).float().mean() < 0.7  # half the batch, plus the plain draws' share
+
+
+def test_low_noise_caption_dropout_empties_captions_below_the_band_only():
+    from megatron_rcm.data.shapes import ShapesConfig
+
+    module = load_script("examples/pretrain_flow.py")
+    plain = module.TeacherBatches(ShapesConfig(), 16, 256, 0.1, 0, 1)[0]
+    dropped = module.TeacherBatches(ShapesConfig(), 16, 256, 0.1, 0, 1, low_noise_caption_dropout=1.0)[0]
+    assert torch.equal(plain[2], dropped[2]) and torch.equal(plain[3], dropped[3])  # same times and noise
+    empty = dropped[1].abs().sum((1, 2)) == 0
+    low = dropped[2] < module.HIGH_NOISE_BAND[0]
+    assert empty[low].all()
+    assert torch.equal(dropped[1][~low], plain[1][~low])  # the band keeps its captions (and the plain dropout)

@@ -15,14 +15,14 @@ import json
 
 import torch
 
-WORDS = ("color", "shape", "direction")
+from megatron_rcm.data import shapes
+
+WORDS = tuple(shapes.ATTRIBUTES)
 
 
 def posterior_errors(videos, attributes, x0_index, x_s, s: float) -> dict:
     """Mean squared x0 error of the exact posterior mean given the caption's words (all, or all but one), and of
     the caption's mean video alone."""
-    from megatron_rcm.data import shapes
-
     flat = videos.flatten(1).double()
     xs = x_s.flatten(1).double()
     # log p(x_s | video) up to a per-row constant
@@ -34,7 +34,7 @@ def posterior_errors(videos, attributes, x0_index, x_s, s: float) -> dict:
     for left_out in (None, *WORDS):
         keep = [i for i, w in enumerate(WORDS) if w != left_out]
         same = (codes[x0_index][:, None, keep] == codes[None, :, keep]).all(-1)
-        weights = torch.where(same, logits, torch.tensor(float("-inf"), dtype=logits.dtype)).softmax(-1)
+        weights = logits.masked_fill(~same, float("-inf")).softmax(-1)
         name = "all words" if left_out is None else f"without {left_out}"
         out[name] = ((weights @ flat - truth) ** 2).mean().item()
         if left_out is None:
@@ -45,8 +45,6 @@ def posterior_errors(videos, attributes, x0_index, x_s, s: float) -> dict:
 
 @torch.no_grad()
 def teacher_errors(model, encoder, x0, x_s, captions, s: float) -> dict:
-    from megatron_rcm.data import shapes
-
     flip = {"left": "right", "right": "left", "up": "down", "down": "up"}
     t = torch.full((x0.shape[0],), 1000.0 * s)
     out = {}
@@ -67,7 +65,6 @@ def main():
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = p.parse_args()
 
-    from megatron_rcm.data import shapes
     from megatron_rcm.training.config import TINY_SHAPES_DATA, TINY_SHAPES_MODEL
 
     videos, attributes = shapes.all_videos(TINY_SHAPES_DATA)

@@ -341,6 +341,7 @@ def eval_prompts(n: int) -> list[str]:
 
 
 __all__ = ["ATTRIBUTES", "COLORS", "DIRECTIONS", "PROMPTS", "SHAPES", "ShapesClassifier", "ShapesConfig",
-           "ShapesDataset", "ShapesTextEncoder", "alignment_score", "attribute_accuracy", "caption", "eval_prompts",
-           "feature_distance", "feature_spread", "features", "motion", "off_palette_share", "parse_caption",
-           "render", "render_at", "start_position", "train_classifier", "travel", "velocity"]
+           "ShapesDataset", "ShapesTextEncoder", "alignment_score", "all_videos", "attribute_accuracy", "caption",
+           "eval_prompts", "feature_distance", "feature_spread", "features", "motion", "off_palette_share",
+           "parse_caption", "render", "render_at", "start_position", "start_ranges", "train_classifier", "travel",
+           "velocity"]
